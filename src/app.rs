@@ -1,0 +1,263 @@
+//! Wires everything together and owns the shutdown order: readiness off →
+//! close sockets with 1001 (bounded concurrency, deadline) → release the
+//! poller lock → leave the cluster view → stop the listener.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{OriginPolicy, Verifier};
+use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
+use crate::broker::{Backend, INBOUND_CAPACITY};
+use crate::config::Config;
+use crate::db::Database;
+use crate::demo::Demo;
+use crate::domain::SnapshotSource;
+use crate::http::{router, AppState};
+use crate::hub::Hub;
+use crate::node::Node;
+use crate::poller::Poller;
+use crate::session::SessionContext;
+
+/// How many sockets send their close frame at once during shutdown.
+const CLOSE_CONCURRENCY: usize = 512;
+
+/// The process-wide Prometheus recorder (a recorder can be installed once;
+/// tests run several apps in one process and share it).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("duration_seconds".into()),
+                    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+                )
+                .expect("buckets are valid")
+                .install_recorder()
+                .expect("no other metrics recorder is installed")
+        })
+        .clone()
+}
+
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+    config: Config,
+    node: Node,
+    inbound: mpsc::Receiver<crate::broker::Inbound>,
+    poller: Option<Poller>,
+    demo: Option<Demo>,
+    /// Stops the background tasks (receiver, heartbeats, poller) last.
+    background: CancellationToken,
+}
+
+impl App {
+    /// Bind and assemble; nothing is served until [`App::run`].
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let listener = TcpListener::bind(config.bind_addr)
+            .await
+            .with_context(|| format!("BIND_ADDR: cannot listen on {}", config.bind_addr))?;
+        let background = CancellationToken::new();
+        let (inbound_tx, inbound) = mpsc::channel(INBOUND_CAPACITY);
+        let backend: Arc<dyn Backend> = match &config.redis_url {
+            Some(url) => Arc::new(
+                RedisBroker::start(url, inbound_tx, config.history_limits(), background.clone())
+                    .await
+                    .context("REDIS_URL")?,
+            ),
+            None => {
+                tracing::warn!(
+                    "REDIS_URL is unset: embedded in-memory broker. This replica cannot share \
+                     events with others; run exactly one."
+                );
+                Arc::new(MemoryBroker::new(inbound_tx, config.history_limits()))
+            }
+        };
+        let instance_id = config.instance_id().to_string();
+        let hub = Hub::new(config.max_connections, config.max_connections_per_restaurant);
+        let node = Node::new(hub, backend.clone(), instance_id.clone(), config.presence_ttl());
+        let verifier = Verifier::new(&config);
+        let db = match &config.database_url {
+            Some(url) => Some(Database::connect(url).context("DATABASE_URL")?),
+            None => None,
+        };
+        let demo = if config.demo {
+            Some(Demo::new(node.clone(), &config)?)
+        } else {
+            None
+        };
+        let snapshots: Option<Arc<dyn SnapshotSource>> = match (&db, &demo) {
+            (Some(db), _) => Some(Arc::new(db.clone())),
+            (None, Some(demo)) => Some(Arc::new(demo.clone())),
+            (None, None) => None,
+        };
+        let poller = db
+            .as_ref()
+            .map(|db| Poller::new(db.clone(), backend.clone(), &config));
+        let sessions = Arc::new(SessionContext {
+            node: node.clone(),
+            verifier: verifier.clone(),
+            snapshots,
+            heartbeat_interval: config.heartbeat_interval(),
+            send_queue_capacity: config.send_queue_capacity,
+            client_message_rate: NonZeroU32::new(config.client_message_rate).expect("validated"),
+            shutdown: CancellationToken::new(),
+            closing: Semaphore::new(CLOSE_CONCURRENCY),
+        });
+        let state = AppState {
+            sessions,
+            verifier,
+            db,
+            origins: OriginPolicy::new(config.allowed_origins()),
+            publish_api_key: config.publish_api_key.as_deref().map(Arc::from),
+            poll_interval_ms: config.poll_interval_ms,
+            redis_configured: config.redis_url.is_some(),
+            database_configured: config.database_url.is_some(),
+            draining: Arc::new(AtomicBool::new(false)),
+            prometheus: prometheus(),
+        };
+        Ok(App {
+            listener,
+            state,
+            config,
+            node,
+            inbound,
+            poller,
+            demo,
+            background,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Serve until `shutdown` resolves, then drain and return.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let App {
+            listener,
+            state,
+            config,
+            node,
+            inbound,
+            poller,
+            demo,
+            background,
+        } = self;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, instance_id = %node.instance_id(), "orders-gateway listening");
+        let tasks = TaskTracker::new();
+        {
+            let node = node.clone();
+            tasks.spawn(async move { node.dispatch(inbound).await });
+        }
+        {
+            let node = node.clone();
+            let stop = background.clone();
+            tasks.spawn(async move { node.maintain(stop).await });
+        }
+        let poller_task = poller.map(|p| {
+            let stop = background.clone();
+            tokio::spawn(async move { p.run(stop).await })
+        });
+        if let Some(demo) = demo {
+            let stop = background.clone();
+            let base = format!("http://{}", display_addr(addr));
+            tasks.spawn(async move { demo.run(base, stop).await });
+        }
+        state.verifier.warm_up().await;
+        node.heartbeat().await;
+
+        let listener_stop = CancellationToken::new();
+        let server = {
+            let stop = listener_stop.clone();
+            let app = router(state.clone());
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            })
+        };
+
+        shutdown.await;
+        tracing::info!("shutdown: draining");
+        state.draining.store(true, Ordering::Release);
+        metrics::gauge!("orders_gateway_draining").set(1.0);
+        state.sessions.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown_drain_ms);
+        while node.hub().connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = node.hub().connections();
+        if left > 0 {
+            tracing::warn!(left, "drain deadline reached with sockets still open");
+        }
+        background.cancel();
+        if let Some(task) = poller_task {
+            // The poller releases its lock on the way out.
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
+        node.deregister().await;
+        listener_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+fn display_addr(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Logging: text or JSON; never the query string (tokens live there).
+pub fn init_tracing(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,orders_gateway=info,tower_http=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().flatten_event(true).with_current_span(true).init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,267 @@
+//! One `Config`, read from the environment (each variable also a flag) and
+//! validated before anything starts. A bad value stops the process with one
+//! line naming the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "orders-gateway", version, about = "Real-time order notifications for restaurant dashboards")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Apply the bundled schema migrations to DATABASE_URL, then exit.
+    Migrate,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Config {
+    /// HTTP + WebSocket listener.
+    #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0:8080")]
+    pub bind_addr: SocketAddr,
+    /// Redis URL. Unset: embedded in-memory broker, single replica only.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// PostgreSQL URL. Unset: no poller, no snapshots, no membership lookup.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// HS256 secret (Supabase legacy JWT secret).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// JWKS document URL for RS256/ES256 tokens.
+    #[arg(long, env = "JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// Required `aud` when set.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` when set.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Claim naming the restaurant.
+    #[arg(long, env = "JWT_RESTAURANT_CLAIM", default_value = "restaurant_id")]
+    pub jwt_restaurant_claim: String,
+    /// Clock-skew allowance for exp/nbf.
+    #[arg(long, env = "JWT_LEEWAY_SECONDS", default_value_t = 5)]
+    pub jwt_leeway_seconds: u64,
+    /// Comma-separated browser origins allowed to open sockets. Unset: any
+    /// origin (tokens, not cookies, authenticate, so a foreign page cannot
+    /// ride on a user's session; set it in production anyway).
+    #[arg(long, env = "ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+    /// Poller period.
+    #[arg(long, env = "POLL_INTERVAL_MS", default_value_t = 2000)]
+    pub poll_interval_ms: u64,
+    /// Replica name shown in status and logs. Default: generated.
+    #[arg(long, env = "INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Enables POST /api/orders/events for order services.
+    #[arg(long, env = "PUBLISH_API_KEY", hide_env_values = true)]
+    pub publish_api_key: Option<String>,
+
+    /// Sockets per replica; beyond it new sockets are closed with 4429.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
+    /// Sockets per restaurant per replica; beyond it 4429.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_RESTAURANT", default_value_t = 1000)]
+    pub max_connections_per_restaurant: usize,
+    /// Server WebSocket ping period; peers silent for 2.5x are dropped.
+    #[arg(long, env = "HEARTBEAT_INTERVAL_MS", default_value_t = 25_000)]
+    pub heartbeat_interval_ms: u64,
+    /// Frames queued per socket before it is closed with 4408.
+    #[arg(long, env = "SEND_QUEUE_CAPACITY", default_value_t = 256)]
+    pub send_queue_capacity: usize,
+    /// Client messages per second per socket (burst twice that); 4429 beyond.
+    #[arg(long, env = "CLIENT_MESSAGE_RATE", default_value_t = 10)]
+    pub client_message_rate: u32,
+    /// Deadline for closing every socket with 1001 on SIGTERM.
+    #[arg(long, env = "SHUTDOWN_DRAIN_MS", default_value_t = 10_000)]
+    pub shutdown_drain_ms: u64,
+    /// Poller leader lock TTL. Default: three poll intervals.
+    #[arg(long, env = "LEADER_TTL_MS")]
+    pub leader_ttl_ms: Option<u64>,
+    /// Poller re-read window; see docs/CHANGE_CAPTURE.md.
+    #[arg(long, env = "POLL_OVERLAP_MS", default_value_t = 10_000)]
+    pub poll_overlap_ms: u64,
+    /// Events kept per restaurant for resume.
+    #[arg(long, env = "HISTORY_MAX_EVENTS", default_value_t = 1000)]
+    pub history_max_events: u64,
+    /// Oldest event kept for resume, in seconds.
+    #[arg(long, env = "HISTORY_MAX_AGE_SECS", default_value_t = 3600)]
+    pub history_max_age_secs: u64,
+    /// How long a replica's registration outlives its last heartbeat.
+    #[arg(long, env = "PRESENCE_TTL_MS", default_value_t = 20_000)]
+    pub presence_ttl_ms: u64,
+    /// `text` or `json`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// Demo mode: a demo restaurant, a generated token and simulated guests.
+    #[arg(long, env = "DEMO", default_value_t = false)]
+    pub demo: bool,
+}
+
+/// A configuration value that cannot work, named by its variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {var}: {reason}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub reason: String,
+}
+
+fn bad(var: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// A configuration with every default, for tests and embedding.
+    pub fn for_tests(jwt_secret: &str) -> Config {
+        let mut cfg = Cli::parse_from(["orders-gateway"]).config;
+        cfg.bind_addr = "127.0.0.1:0".parse().unwrap();
+        cfg.jwt_secret = Some(jwt_secret.to_string());
+        cfg.instance_id = None;
+        cfg
+    }
+
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        if self.demo && self.jwt_secret.is_none() && self.jwt_jwks_url.is_none() {
+            self.jwt_secret = Some(Uuid::new_v4().simple().to_string());
+        }
+        match (&self.jwt_secret, &self.jwt_jwks_url) {
+            (None, None) => {
+                return Err(bad(
+                    "JWT_SECRET",
+                    "one of JWT_SECRET or JWT_JWKS_URL is required",
+                ))
+            }
+            (Some(s), _) if s.len() < 16 => {
+                return Err(bad("JWT_SECRET", "must be at least 16 bytes"))
+            }
+            _ => {}
+        }
+        if let Some(url) = &self.jwt_jwks_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(bad("JWT_JWKS_URL", "must be an http(s) URL"));
+            }
+        }
+        if let Some(url) = &self.redis_url {
+            redis::Client::open(url.as_str())
+                .map_err(|e| bad("REDIS_URL", format!("not a Redis URL ({e})")))?;
+        }
+        if let Some(url) = &self.database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(bad("DATABASE_URL", "must be a postgres:// URL"));
+            }
+        }
+        if self.jwt_restaurant_claim.trim().is_empty() {
+            return Err(bad("JWT_RESTAURANT_CLAIM", "must not be empty"));
+        }
+        if self.jwt_leeway_seconds > 300 {
+            return Err(bad("JWT_LEEWAY_SECONDS", "must be at most 300"));
+        }
+        if !(100..=3_600_000).contains(&self.poll_interval_ms) {
+            return Err(bad("POLL_INTERVAL_MS", "must be between 100 and 3600000"));
+        }
+        if let Some(ttl) = self.leader_ttl_ms {
+            if ttl < 2 * self.poll_interval_ms.min(1000) || ttl < 200 {
+                return Err(bad("LEADER_TTL_MS", "must be at least 200 ms"));
+            }
+        }
+        if let Some(origins) = &self.allowed_origins {
+            if origins.split(',').any(|o| o.trim().is_empty()) {
+                return Err(bad("ALLOWED_ORIGINS", "empty entry in the comma list"));
+            }
+        }
+        if let Some(key) = &self.publish_api_key {
+            if key.len() < 16 {
+                return Err(bad("PUBLISH_API_KEY", "must be at least 16 bytes"));
+            }
+        }
+        if let Some(id) = &self.instance_id {
+            if id.is_empty() || id.len() > 128 || id.contains(char::is_whitespace) {
+                return Err(bad("INSTANCE_ID", "1-128 characters, no spaces"));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(bad("MAX_CONNECTIONS", "must be positive"));
+        }
+        if self.max_connections_per_restaurant == 0 {
+            return Err(bad("MAX_CONNECTIONS_PER_RESTAURANT", "must be positive"));
+        }
+        if self.heartbeat_interval_ms < 100 {
+            return Err(bad("HEARTBEAT_INTERVAL_MS", "must be at least 100"));
+        }
+        if self.send_queue_capacity == 0 || self.send_queue_capacity > 65_536 {
+            return Err(bad("SEND_QUEUE_CAPACITY", "must be between 1 and 65536"));
+        }
+        if self.client_message_rate == 0 {
+            return Err(bad("CLIENT_MESSAGE_RATE", "must be positive"));
+        }
+        if self.history_max_events == 0 {
+            return Err(bad("HISTORY_MAX_EVENTS", "must be positive"));
+        }
+        if self.history_max_age_secs == 0 {
+            return Err(bad("HISTORY_MAX_AGE_SECS", "must be positive"));
+        }
+        if self.presence_ttl_ms < 1000 {
+            return Err(bad("PRESENCE_TTL_MS", "must be at least 1000"));
+        }
+        if self.log_format != "text" && self.log_format != "json" {
+            return Err(bad("LOG_FORMAT", "must be text or json"));
+        }
+        if self.instance_id.is_none() {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "gw".into());
+            let suffix = Uuid::new_v4().simple().to_string();
+            self.instance_id = Some(format!("{host}-{}", &suffix[..8]));
+        }
+        Ok(())
+    }
+
+    pub fn instance_id(&self) -> &str {
+        self.instance_id.as_deref().unwrap_or("unset")
+    }
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+    pub fn leader_ttl(&self) -> Duration {
+        Duration::from_millis(self.leader_ttl_ms.unwrap_or(3 * self.poll_interval_ms))
+    }
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    pub fn presence_ttl(&self) -> Duration {
+        Duration::from_millis(self.presence_ttl_ms)
+    }
+    pub fn allowed_origins(&self) -> Option<Vec<String>> {
+        self.allowed_origins.as_ref().map(|s| {
+            s.split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .collect()
+        })
+    }
+    pub fn history_limits(&self) -> HistoryLimits {
+        HistoryLimits {
+            max_events: self.history_max_events,
+            max_age: Duration::from_secs(self.history_max_age_secs),
+        }
+    }
+}
+
+/// How much history a broker keeps per restaurant.
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryLimits {
+    pub max_events: u64,
+    pub max_age: Duration,
+}

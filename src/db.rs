@@ -1,0 +1,182 @@
+//! The orders database, read-only: open orders for snapshots, changed
+//! orders for the poller, memberships for tokens without a restaurant
+//! claim. Migrations run only through `orders-gateway migrate`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use crate::domain::{Order, OrderItem, RestaurantId};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Clone)]
+pub struct Database {
+    pool: PgPool,
+}
+
+/// Columns of `<order>` with its items, as one row.
+pub const ORDER_COLUMNS: &str = "o.id, o.order_number, o.restaurant_id, o.table_number, \
+     o.customer_name, o.customer_phone, o.order_status, o.payment_status, o.payment_method, \
+     o.total_price::float8 AS total_price, o.estimated_time, o.created_at, o.updated_at, \
+     COALESCE((SELECT json_agg(json_build_object('id', i.id, 'menu_item_id', i.menu_item_id, \
+        'quantity', i.quantity, 'unit_price', i.unit_price::float8) ORDER BY i.id) \
+        FROM order_items i WHERE i.order_id = o.id), '[]'::json) AS items";
+
+#[derive(sqlx::FromRow)]
+pub struct OrderRow {
+    id: Uuid,
+    order_number: Option<String>,
+    restaurant_id: Uuid,
+    table_number: Option<i32>,
+    customer_name: Option<String>,
+    customer_phone: Option<String>,
+    order_status: String,
+    payment_status: Option<String>,
+    payment_method: Option<String>,
+    total_price: Option<f64>,
+    estimated_time: Option<i32>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    items: Json<Vec<OrderItem>>,
+}
+
+impl From<OrderRow> for Order {
+    fn from(r: OrderRow) -> Order {
+        Order {
+            id: r.id,
+            order_number: r.order_number,
+            restaurant_id: r.restaurant_id,
+            table_number: r.table_number,
+            customer_name: r.customer_name,
+            customer_phone: r.customer_phone,
+            order_status: r.order_status,
+            payment_status: r.payment_status,
+            payment_method: r.payment_method,
+            total_price: r.total_price,
+            estimated_time: r.estimated_time,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            items: r.items.0,
+        }
+    }
+}
+
+/// Where the next poll must start so that no commit is missed, measured
+/// before the poll's own snapshot is taken.
+#[derive(Debug, Clone, Copy)]
+pub struct Horizon {
+    pub db_now: DateTime<Utc>,
+    /// Start of the oldest transaction open in this database (when the role
+    /// may see other sessions in pg_stat_activity).
+    pub oldest_open_transaction: Option<DateTime<Utc>>,
+}
+
+impl Database {
+    /// Connects lazily: the gateway starts even while the database is down.
+    pub fn connect(url: &str) -> Result<Database, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy(url)?;
+        Ok(Database { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+
+    /// Restaurants the user is a member of.
+    pub async fn memberships(&self, user_id: &str) -> Result<Vec<RestaurantId>, sqlx::Error> {
+        let Ok(user) = Uuid::parse_str(user_id) else {
+            return Ok(Vec::new());
+        };
+        let rows: Vec<(Uuid,)> = sqlx::query_as(
+            "SELECT restaurant_id FROM restaurant_members WHERE user_id = $1 ORDER BY restaurant_id",
+        )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(r,)| RestaurantId(r)).collect())
+    }
+
+    /// The restaurant's open orders (not completed or cancelled), oldest first.
+    pub async fn open_orders(&self, r: RestaurantId) -> Result<Vec<Order>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS} FROM orders o WHERE o.restaurant_id = $1 \
+             AND o.order_status NOT IN ('completed', 'cancelled') ORDER BY o.created_at, o.id"
+        );
+        let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(r.0).fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(Order::from).collect())
+    }
+
+    pub async fn horizon(&self) -> Result<Horizon, sqlx::Error> {
+        let (db_now, oldest): (DateTime<Utc>, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT clock_timestamp(), (SELECT min(xact_start) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Horizon {
+            db_now,
+            oldest_open_transaction: oldest,
+        })
+    }
+
+    /// The poll: every order of the active restaurants written at or after
+    /// `since`, with items. One query for all restaurants.
+    pub async fn changed_orders(
+        &self,
+        restaurants: &[Uuid],
+        since: DateTime<Utc>,
+    ) -> Result<Vec<Order>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS} FROM orders o WHERE o.updated_at >= $2 \
+             AND o.restaurant_id = ANY($1) ORDER BY o.updated_at, o.id"
+        );
+        let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(restaurants)
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Order::from).collect())
+    }
+
+    /// `(restaurant, id, status, updated_at)` of the open orders, last
+    /// written before `before`, of restaurants the poller starts watching:
+    /// what their later changes are compared against. Rows written since
+    /// `before` are left to the poll itself, so none is silently absorbed.
+    pub async fn baseline(
+        &self,
+        restaurants: &[Uuid],
+        before: DateTime<Utc>,
+    ) -> Result<Vec<(Uuid, Uuid, String, DateTime<Utc>)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT o.restaurant_id, o.id, o.order_status, o.updated_at FROM orders o \
+             WHERE o.restaurant_id = ANY($1) AND o.updated_at < $2 \
+             AND o.order_status NOT IN ('completed', 'cancelled')",
+        )
+        .bind(restaurants)
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::domain::SnapshotSource for Database {
+    async fn open_orders(&self, r: RestaurantId) -> Result<Vec<Order>, String> {
+        Database::open_orders(self, r).await.map_err(|e| e.to_string())
+    }
+}

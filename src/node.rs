@@ -1,0 +1,283 @@
+//! The node: this replica's hub wired to the broker. It subscribes to a
+//! restaurant's channel when its first local socket arrives and drops the
+//! subscription lazily after the last one leaves; it turns every received
+//! payload into one shared [`Frame`] for the hub; it keeps this replica's
+//! sockets registered in the cluster view.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::broker::{
+    Backend, BrokerError, ConnectionRecord, History, Inbound, PublishRequest, Published,
+};
+use crate::domain::{EventId, Frame, RestaurantId};
+use crate::hub::{Hub, JoinError, Member};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Full(#[from] JoinError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hub: Hub,
+    backend: Arc<dyn Backend>,
+    instance_id: String,
+    presence_ttl: Duration,
+    /// Per restaurant, an async lock around "is the channel subscribed":
+    /// joins and the lazy unsubscribe sweep take it so that a SUBSCRIBE and
+    /// an UNSUBSCRIBE of one channel never overtake each other. The outer
+    /// std mutex only guards the map.
+    subscriptions: Mutex<HashMap<RestaurantId, Arc<tokio::sync::Mutex<bool>>>>,
+    /// This replica's sockets as the cluster sees them, for heartbeats.
+    local: Mutex<HashMap<Uuid, ConnectionRecord>>,
+    /// Newest numbered event dispatched per restaurant: after a pub/sub
+    /// reconnect, what came later is fetched from history.
+    last_dispatched: Mutex<HashMap<RestaurantId, EventId>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Node {
+    pub fn new(hub: Hub, backend: Arc<dyn Backend>, instance_id: String, presence_ttl: Duration) -> Node {
+        Node {
+            inner: Arc::new(Inner {
+                hub,
+                backend,
+                instance_id,
+                presence_ttl,
+                subscriptions: Mutex::new(HashMap::new()),
+                local: Mutex::new(HashMap::new()),
+                last_dispatched: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.inner.backend
+    }
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance_id
+    }
+
+    /// Register a socket. When this returns Ok, every event published on the
+    /// restaurant's channel from now on reaches `member.queue`.
+    pub async fn join(&self, record: ConnectionRecord, member: Member) -> Result<(), NodeError> {
+        let r = record.restaurant_id;
+        let connection_id = member.connection_id;
+        self.inner.hub.join(r, member)?;
+        if let Err(e) = self.ensure_subscribed(r).await {
+            self.inner.hub.leave(r, connection_id);
+            return Err(e.into());
+        }
+        metrics::gauge!("orders_gateway_connections").set(self.inner.hub.connections() as f64);
+        lock(&self.inner.local).insert(connection_id, record.clone());
+        if let Err(e) = self
+            .inner
+            .backend
+            .add_connection(&record, self.inner.presence_ttl)
+            .await
+        {
+            // The next heartbeat registers it.
+            tracing::warn!(error = %e, "could not register connection in the cluster view");
+        }
+        Ok(())
+    }
+
+    pub async fn leave(&self, r: RestaurantId, connection_id: Uuid) {
+        self.inner.hub.leave(r, connection_id);
+        metrics::gauge!("orders_gateway_connections").set(self.inner.hub.connections() as f64);
+        let record = lock(&self.inner.local).remove(&connection_id);
+        if let Some(record) = record {
+            if let Err(e) = self.inner.backend.remove_connection(&record).await {
+                tracing::debug!(error = %e, "could not deregister connection; it expires");
+            }
+        }
+    }
+
+    fn subscription(&self, r: RestaurantId) -> Arc<tokio::sync::Mutex<bool>> {
+        lock(&self.inner.subscriptions).entry(r).or_default().clone()
+    }
+
+    async fn ensure_subscribed(&self, r: RestaurantId) -> Result<(), BrokerError> {
+        let cell = self.subscription(r);
+        let mut subscribed = cell.lock().await;
+        if !*subscribed {
+            self.inner.backend.subscribe(r).await?;
+            *subscribed = true;
+        }
+        Ok(())
+    }
+
+    /// Unsubscribe channels whose restaurant has had no local socket since
+    /// the previous sweep (lazy: a dashboard reloading does not churn).
+    async fn sweep_subscriptions(&self, idle: &mut HashMap<RestaurantId, u32>) {
+        let candidates: Vec<(RestaurantId, Arc<tokio::sync::Mutex<bool>>)> = lock(&self.inner.subscriptions)
+            .iter()
+            .map(|(r, c)| (*r, c.clone()))
+            .collect();
+        for (r, cell) in candidates {
+            if self.inner.hub.restaurant_connections(r) > 0 {
+                idle.remove(&r);
+                continue;
+            }
+            let rounds = idle.entry(r).or_insert(0);
+            *rounds += 1;
+            if *rounds < 2 {
+                continue;
+            }
+            let mut subscribed = cell.lock().await;
+            // Re-checked under the lock: a join may have arrived meanwhile.
+            if self.inner.hub.restaurant_connections(r) > 0 {
+                continue;
+            }
+            if *subscribed && self.inner.backend.unsubscribe(r).await.is_ok() {
+                *subscribed = false;
+            }
+            if !*subscribed {
+                drop(subscribed);
+                idle.remove(&r);
+                let mut map = lock(&self.inner.subscriptions);
+                // Only this sweep and the map hold it: nobody is joining.
+                if map.get(&r).is_some_and(|c| Arc::strong_count(c) == 2) {
+                    map.remove(&r);
+                    lock(&self.inner.last_dispatched).remove(&r);
+                }
+            }
+        }
+    }
+
+    pub async fn publish(&self, req: PublishRequest) -> Result<Published, BrokerError> {
+        self.inner.backend.publish(req).await
+    }
+
+    pub async fn history_after(&self, r: RestaurantId, after: EventId) -> Result<History, BrokerError> {
+        self.inner.backend.history_after(r, after).await
+    }
+
+    pub async fn last_event_id(&self, r: RestaurantId) -> Result<Option<EventId>, BrokerError> {
+        self.inner.backend.last_event_id(r).await
+    }
+
+    /// Fan received payloads out to the hub until the broker goes away.
+    pub async fn dispatch(&self, mut inbound: mpsc::Receiver<Inbound>) {
+        while let Some(msg) = inbound.recv().await {
+            match msg {
+                Inbound::Event {
+                    restaurant,
+                    payload,
+                } => self.dispatch_one(restaurant, payload, true),
+                Inbound::Resubscribed => self.fill_gaps().await,
+            }
+        }
+    }
+
+    fn dispatch_one(&self, r: RestaurantId, payload: axum::extract::ws::Utf8Bytes, live: bool) {
+        metrics::counter!("orders_gateway_events_received_total").increment(1);
+        let frame = match Frame::parse(r, payload) {
+            Ok(f) => f,
+            Err(e) => {
+                metrics::counter!("orders_gateway_events_rejected_total").increment(1);
+                tracing::warn!(restaurant_id = %r, error = %e, "dropped an invalid event");
+                return;
+            }
+        };
+        if let Some(id) = frame.event_id {
+            let mut last = lock(&self.inner.last_dispatched);
+            let newest = last.entry(r).or_insert(id);
+            if live || id > *newest {
+                *newest = id.max(*newest);
+            }
+        }
+        let out = self.inner.hub.broadcast(r, &frame);
+        metrics::counter!("orders_gateway_messages_delivered_total").increment(out.delivered as u64);
+        if out.overflowed > 0 {
+            metrics::counter!("orders_gateway_slow_client_closes_total").increment(out.overflowed as u64);
+        }
+    }
+
+    /// After the pub/sub connection was lost and restored, deliver what was
+    /// published meanwhile; where history cannot tell, ask sockets to resync.
+    async fn fill_gaps(&self) {
+        let restaurants = self.inner.hub.restaurants();
+        for r in restaurants {
+            let last = lock(&self.inner.last_dispatched).get(&r).copied();
+            let Some(last) = last else { continue };
+            match self.inner.backend.history_after(r, last).await {
+                Ok(History::Events(frames)) => {
+                    for f in frames {
+                        self.dispatch_one(r, f, false);
+                    }
+                }
+                Ok(History::Gone) => {
+                    let frame = Frame::resync("history was lost while the broker was unreachable");
+                    self.inner.hub.broadcast(r, &frame);
+                }
+                Err(e) => tracing::warn!(restaurant_id = %r, error = %e, "gap fill failed"),
+            }
+        }
+    }
+
+    /// Heartbeats and lazy unsubscribes, until shutdown.
+    pub async fn maintain(&self, shutdown: CancellationToken) {
+        let period = self.inner.presence_ttl / 4;
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut idle = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.heartbeat().await;
+            self.sweep_subscriptions(&mut idle).await;
+            metrics::gauge!("orders_gateway_restaurants").set(self.inner.hub.restaurants().len() as f64);
+        }
+    }
+
+    pub async fn heartbeat(&self) {
+        let records: Vec<ConnectionRecord> = lock(&self.inner.local).values().cloned().collect();
+        match self
+            .inner
+            .backend
+            .heartbeat(&self.inner.instance_id, &records, self.inner.presence_ttl)
+            .await
+        {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
+        }
+        if let Ok(n) = self.inner.backend.live_instances().await {
+            metrics::gauge!("orders_gateway_instances").set(n as f64);
+        }
+    }
+
+    /// Remove this replica from the cluster view (clean shutdown).
+    pub async fn deregister(&self) {
+        let records: Vec<ConnectionRecord> = lock(&self.inner.local).values().cloned().collect();
+        if let Err(e) = self
+            .inner
+            .backend
+            .remove_instance(&self.inner.instance_id, &records)
+            .await
+        {
+            tracing::warn!(error = %e, "could not deregister this replica; it expires");
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! The diff: what the poller knew about each order against what the
+//! database shows now. Pure: no I/O, no clock.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::domain::{EventKind, Order};
+
+/// What the poller last reported about one order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    pub status: String,
+    pub updated_at_micros: i64,
+}
+
+impl Known {
+    pub fn of(order: &Order) -> Known {
+        Known {
+            status: order.order_status.clone(),
+            updated_at_micros: order.updated_at.timestamp_micros(),
+        }
+    }
+
+    /// Stored as `status|micros` in the poller's state.
+    pub fn encode(&self) -> String {
+        format!("{}|{}", self.status, self.updated_at_micros)
+    }
+
+    pub fn decode(s: &str) -> Option<Known> {
+        let (status, micros) = s.rsplit_once('|')?;
+        Some(Known {
+            status: status.to_string(),
+            updated_at_micros: micros.parse().ok()?,
+        })
+    }
+}
+
+/// One event to publish: the kind, the status before, and the index of the
+/// order in the rows given to [`diff`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub kind: EventKind,
+    pub previous_status: Option<String>,
+    pub row: usize,
+}
+
+/// Classify every row against `known`.
+///
+/// - same version as known → nothing (re-read inside the overlap window);
+/// - never seen, created inside this poll's window → `order_created` (also
+///   when it changed again before this poll saw it: one event, latest state);
+/// - never seen, created before the window → `order_updated` (an order that
+///   existed before the restaurant was watched; its old status is unknown);
+/// - known, status differs → `order_status_changed` with `previous_status`;
+/// - known, anything else differs → `order_updated`.
+pub fn diff(known: &HashMap<Uuid, Known>, rows: &[Order], window_start: DateTime<Utc>) -> Vec<Change> {
+    let mut changes = Vec::new();
+    for (row, order) in rows.iter().enumerate() {
+        let micros = order.updated_at.timestamp_micros();
+        let change = match known.get(&order.id) {
+            Some(k) if micros <= k.updated_at_micros => None,
+            Some(k) if k.status != order.order_status => Some((
+                EventKind::OrderStatusChanged,
+                Some(k.status.clone()),
+            )),
+            Some(_) => Some((EventKind::OrderUpdated, None)),
+            None if order.created_at >= window_start => Some((EventKind::OrderCreated, None)),
+            None => Some((EventKind::OrderUpdated, None)),
+        };
+        if let Some((kind, previous_status)) = change {
+            changes.push(Change {
+                kind,
+                previous_status,
+                row,
+            });
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_700_000_000 + s, 0).unwrap()
+    }
+
+    fn order(id: Uuid, status: &str, created: i64, updated: i64) -> Order {
+        Order {
+            id,
+            order_number: None,
+            restaurant_id: Uuid::nil(),
+            table_number: Some(3),
+            customer_name: None,
+            customer_phone: None,
+            order_status: status.into(),
+            payment_status: Some("pending".into()),
+            payment_method: None,
+            total_price: Some(12.5),
+            estimated_time: None,
+            created_at: t(created),
+            updated_at: t(updated),
+            items: vec![],
+        }
+    }
+
+    fn known(status: &str, updated: i64) -> Known {
+        Known {
+            status: status.into(),
+            updated_at_micros: t(updated).timestamp_micros(),
+        }
+    }
+
+    #[test]
+    fn first_sight_inside_the_window_is_created_even_if_changed_since() {
+        let id = Uuid::new_v4();
+        let rows = [order(id, "confirmed", 100, 101)];
+        let out = diff(&HashMap::new(), &rows, t(99));
+        assert_eq!(
+            out,
+            vec![Change { kind: EventKind::OrderCreated, previous_status: None, row: 0 }]
+        );
+    }
+
+    #[test]
+    fn first_sight_of_an_older_order_is_an_update() {
+        let rows = [order(Uuid::new_v4(), "ready", 10, 100)];
+        let out = diff(&HashMap::new(), &rows, t(99));
+        assert_eq!(out[0].kind, EventKind::OrderUpdated);
+    }
+
+    #[test]
+    fn status_change_carries_the_previous_status() {
+        let id = Uuid::new_v4();
+        let k = HashMap::from([(id, known("pending", 100))]);
+        let out = diff(&k, &[order(id, "preparing", 100, 105)], t(99));
+        assert_eq!(
+            out,
+            vec![Change {
+                kind: EventKind::OrderStatusChanged,
+                previous_status: Some("pending".into()),
+                row: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn other_changes_are_updates_and_rereads_are_nothing() {
+        let a = Uuid::new_v4();
+        let b = Uuid::new_v4();
+        let k = HashMap::from([(a, known("pending", 100)), (b, known("pending", 100))]);
+        let rows = [order(a, "pending", 90, 106), order(b, "pending", 90, 100)];
+        let out = diff(&k, &rows, t(99));
+        assert_eq!(
+            out,
+            vec![Change { kind: EventKind::OrderUpdated, previous_status: None, row: 0 }]
+        );
+    }
+
+    #[test]
+    fn an_older_version_than_known_is_ignored() {
+        let id = Uuid::new_v4();
+        let k = HashMap::from([(id, known("ready", 110))]);
+        assert!(diff(&k, &[order(id, "pending", 90, 100)], t(99)).is_empty());
+    }
+
+    #[test]
+    fn known_round_trips_through_its_encoding() {
+        let k = known("preparing", 42);
+        assert_eq!(Known::decode(&k.encode()), Some(k));
+        assert_eq!(Known::decode("garbage"), None);
+    }
+}

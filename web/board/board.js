@@ -1,0 +1,322 @@
+// The live board: one column per open status, fed by the OrdersLive client.
+//
+// URL parameters:
+//   token=<jwt>            required (a dashboard token for one restaurant)
+//   restaurant_id=<uuid>   when the user belongs to several restaurants
+//   currency=<ISO code>    optional, formats totals (plain number otherwise)
+//   sound=0                start with sound off
+//
+// DOM hooks (used by tests): columns [data-column=<status>], cards
+// [data-order-id][data-status], counts [data-count=<status>],
+// #connection-state (live / reconnecting / offline / connecting).
+import { OrdersLive } from './client/orders-live.js';
+
+const COLUMNS = ['pending', 'confirmed', 'preparing', 'ready', 'served'];
+const STATE_TEXT = {
+  idle: 'connecting',
+  connecting: 'connecting',
+  live: 'live',
+  reconnecting: 'reconnecting',
+  offline: 'offline',
+  stopped: 'offline',
+};
+
+const params = new URLSearchParams(location.search);
+const token = params.get('token');
+const restaurantId = params.get('restaurant_id') || undefined;
+const currency = params.get('currency');
+
+const $ = (sel) => document.querySelector(sel);
+const stateEl = $('#connection-state');
+const detailEl = $('#connection-detail');
+const banner = $('#banner');
+const template = $('#card-template');
+const columns = Object.fromEntries(COLUMNS.map((s) => [s, document.querySelector(`[data-column="${s}"] .cards`)]));
+const counts = Object.fromEntries(COLUMNS.map((s) => [s, document.querySelector(`[data-count="${s}"]`)]));
+
+/** id -> card element currently on the board. */
+const cards = new Map();
+let newestId = null;
+
+const money = currency
+  ? new Intl.NumberFormat(undefined, { style: 'currency', currency })
+  : new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+
+// ---- connection indicator ----------------------------------------------
+
+function showState(state, detail = {}) {
+  const text = STATE_TEXT[state] ?? state;
+  stateEl.textContent = text;
+  stateEl.dataset.state = text;
+  for (const cls of [...document.body.classList]) if (cls.startsWith('state-')) document.body.classList.remove(cls);
+  document.body.classList.add(`state-${text}`);
+  let info = '';
+  if (state === 'reconnecting' && detail.delayMs != null) {
+    info = detail.delayMs >= 1000 ? `retry in ${Math.round(detail.delayMs / 1000)} s` : 'retrying';
+  } else if (state === 'offline' && detail.reason) {
+    info = detail.reason;
+  }
+  detailEl.textContent = info;
+  if (state === 'offline') {
+    const why = detail.code === 4401
+      ? 'The token was rejected or has expired. Open the board again with a fresh ?token=.'
+      : detail.code === 4403
+        ? 'This token is not allowed to see this restaurant.'
+        : `Disconnected${detail.reason ? `: ${detail.reason}` : ''}.`;
+    showBanner(why);
+  } else if (state === 'reconnecting') {
+    showBanner('Connection lost — reconnecting. Orders shown may be out of date.');
+  } else {
+    showBanner(null);
+  }
+}
+
+function showBanner(text) {
+  banner.hidden = !text;
+  banner.textContent = text || '';
+}
+
+// ---- cards ---------------------------------------------------------------
+
+function shortId(id) {
+  return String(id ?? '').slice(0, 8);
+}
+
+function fillCard(card, order) {
+  card.dataset.status = order.order_status;
+  card.dataset.version = order.updated_at ?? '';
+  card.querySelector('.order-number').textContent = `#${order.order_number ?? shortId(order.id)}`;
+  card.querySelector('.table').textContent = order.table_number != null ? `Table ${order.table_number}` : 'Takeaway';
+  card.querySelector('.customer').textContent = order.customer_name || '';
+  const list = card.querySelector('.items');
+  list.replaceChildren(...(order.items || []).map((item) => {
+    const li = document.createElement('li');
+    const qty = document.createElement('span');
+    qty.className = 'qty';
+    qty.textContent = `${item.quantity} ×`;
+    const name = document.createElement('span');
+    name.className = 'item';
+    name.textContent = shortId(item.menu_item_id);
+    name.title = String(item.menu_item_id ?? '');
+    li.append(qty, ' ', name);
+    return li;
+  }));
+  const total = Number(order.total_price);
+  card.querySelector('.total').textContent = Number.isFinite(total) ? money.format(total) : '';
+  const elapsed = card.querySelector('.elapsed');
+  elapsed.dataset.createdAt = order.created_at ?? '';
+  elapsed.dataset.estimatedMinutes = order.estimated_time ?? '';
+  tickCard(elapsed, Date.now());
+}
+
+function createCard(order) {
+  const card = template.content.firstElementChild.cloneNode(true);
+  card.dataset.orderId = order.id;
+  card.addEventListener('animationend', () => card.classList.remove('flash'));
+  return card;
+}
+
+function formatElapsed(ms) {
+  const s = Math.max(0, Math.floor(ms / 1000));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const sec = s % 60;
+  return h > 0 ? `${h}h ${String(m).padStart(2, '0')}m` : `${m}:${String(sec).padStart(2, '0')}`;
+}
+
+function tickCard(elapsed, now) {
+  const created = Date.parse(elapsed.dataset.createdAt);
+  if (Number.isNaN(created)) {
+    elapsed.textContent = '';
+    return;
+  }
+  const ms = now - created;
+  elapsed.textContent = formatElapsed(ms);
+  const est = Number(elapsed.dataset.estimatedMinutes);
+  elapsed.closest('.card')?.classList.toggle('late', est > 0 && ms > est * 60000);
+}
+
+function tick() {
+  const now = Date.now();
+  for (const el of document.querySelectorAll('.card .elapsed')) tickCard(el, now);
+  $('#clock').textContent = new Date(now).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+}
+
+let renderQueued = false;
+let latestOrders = new Map();
+
+function scheduleRender(orders) {
+  latestOrders = orders;
+  if (renderQueued) return;
+  renderQueued = true;
+  requestAnimationFrame(() => {
+    renderQueued = false;
+    render(latestOrders);
+  });
+}
+
+function createdAtOf(order) {
+  const t = Date.parse(order.created_at);
+  return Number.isNaN(t) ? 0 : t;
+}
+
+function render(orders) {
+  const byColumn = Object.fromEntries(COLUMNS.map((s) => [s, []]));
+  let newest = null;
+  for (const order of orders.values()) {
+    // Unknown statuses are still shown rather than silently hidden.
+    const column = COLUMNS.includes(order.order_status) ? order.order_status : 'pending';
+    byColumn[column].push(order);
+    if (!newest || createdAtOf(order) > createdAtOf(newest)) newest = order;
+  }
+
+  for (const [id, card] of cards) {
+    if (!orders.has(id)) {
+      card.remove();
+      cards.delete(id);
+    }
+  }
+
+  for (const status of COLUMNS) {
+    const list = byColumn[status].sort((a, b) => createdAtOf(a) - createdAtOf(b) || String(a.id).localeCompare(String(b.id)));
+    const container = columns[status];
+    list.forEach((order, i) => {
+      let card = cards.get(String(order.id));
+      if (!card) {
+        card = createCard(order);
+        cards.set(String(order.id), card);
+      }
+      if (card.dataset.version !== (order.updated_at ?? '') || card.dataset.status !== order.order_status) fillCard(card, order);
+      // Move only when needed: re-inserting a node restarts its animations.
+      if (container.children[i] !== card) container.insertBefore(card, container.children[i] ?? null);
+    });
+    counts[status].textContent = String(list.length);
+  }
+  $('#open-count').textContent = String(orders.size);
+
+  const id = newest ? String(newest.id) : null;
+  if (id !== newestId) {
+    cards.get(newestId)?.classList.remove('newest');
+    newestId = id;
+  }
+  if (id) cards.get(id)?.classList.add('newest');
+  runFlashes();
+}
+
+/** Orders to flash once their card exists (the render runs on the next frame). */
+const pendingFlash = new Set();
+
+function flash(orderId) {
+  pendingFlash.add(String(orderId));
+  scheduleRender(latestOrders);
+}
+
+function runFlashes() {
+  if (!pendingFlash.size) return;
+  for (const id of pendingFlash) {
+    const card = cards.get(id);
+    if (!card) continue;
+    card.classList.remove('flash');
+    void card.offsetWidth; // restart the animation
+    card.classList.add('flash');
+    card.scrollIntoView({ block: 'nearest', behavior: 'smooth' });
+  }
+  pendingFlash.clear();
+  document.body.classList.remove('alert');
+  void document.body.offsetWidth;
+  document.body.classList.add('alert');
+  setTimeout(() => document.body.classList.remove('alert'), 3000);
+}
+
+// ---- sound -----------------------------------------------------------------
+
+let audio = null;
+let soundWanted = params.get('sound') !== '0';
+const soundButton = $('#sound-toggle');
+
+function audioContext() {
+  if (!audio) {
+    const Ctx = window.AudioContext || window.webkitAudioContext;
+    if (!Ctx) return null;
+    audio = new Ctx();
+  }
+  return audio;
+}
+
+function updateSoundButton() {
+  const on = soundWanted && audio?.state === 'running';
+  soundButton.textContent = soundWanted ? (on ? 'Sound on' : 'Tap to enable sound') : 'Sound off';
+  soundButton.setAttribute('aria-pressed', String(on));
+  soundButton.classList.toggle('needs-tap', soundWanted && !on);
+}
+
+// Browsers only start audio after a user gesture: any tap on the page does.
+function unlockAudio() {
+  if (!soundWanted) return;
+  const ctx = audioContext();
+  ctx?.resume().then(updateSoundButton, updateSoundButton);
+}
+
+soundButton.addEventListener('click', (e) => {
+  e.stopPropagation();
+  const on = soundWanted && audio?.state === 'running';
+  if (on) {
+    soundWanted = false;
+  } else {
+    soundWanted = true;
+    unlockAudio();
+    beep();
+  }
+  updateSoundButton();
+});
+document.addEventListener('pointerdown', unlockAudio);
+
+function beep() {
+  if (!soundWanted || !audio || audio.state !== 'running') return;
+  const t = audio.currentTime;
+  for (const [offset, freq] of [[0, 880], [0.18, 1175]]) {
+    const osc = audio.createOscillator();
+    const gain = audio.createGain();
+    osc.type = 'sine';
+    osc.frequency.value = freq;
+    gain.gain.setValueAtTime(0.0001, t + offset);
+    gain.gain.exponentialRampToValueAtTime(0.4, t + offset + 0.02);
+    gain.gain.exponentialRampToValueAtTime(0.0001, t + offset + 0.16);
+    osc.connect(gain).connect(audio.destination);
+    osc.start(t + offset);
+    osc.stop(t + offset + 0.17);
+  }
+}
+
+// ---- start -----------------------------------------------------------------
+
+updateSoundButton();
+tick();
+setInterval(tick, 1000);
+
+if (!token) {
+  showState('offline', { reason: 'no token' });
+  showBanner('Open this page with ?token=<dashboard token> in the address.');
+} else {
+  const wsUrl = new URL('api/ws/orders/live', location.href);
+  wsUrl.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  wsUrl.search = '';
+  wsUrl.hash = '';
+
+  const client = new OrdersLive({
+    url: wsUrl.toString(),
+    getToken: () => token,
+    restaurantId,
+    onOrders: (orders) => scheduleRender(orders),
+    onEvent: (evt) => {
+      if (evt.type === 'order_created') {
+        flash(evt.order.id);
+        beep();
+      }
+    },
+    onStatus: showState,
+  });
+  // For operators poking at the console, and for tests.
+  window.ordersBoard = { client };
+  client.start();
+}
