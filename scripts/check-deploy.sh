@@ -53,6 +53,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ -z "$created_policy" ] || rm -f /usr/sbin/policy-rc.d
+  trap - EXIT
 fi
 
 # ---------------------------------------------------------------- Python venv

@@ -167,7 +167,8 @@ function render(orders) {
     // Unknown statuses are still shown rather than silently hidden.
     const column = COLUMNS.includes(order.order_status) ? order.order_status : 'pending';
     byColumn[column].push(order);
-    if (!newest || createdAtOf(order) > createdAtOf(newest)) newest = order;
+    // Ties go to the later arrival (Map iteration follows insertion order).
+    if (!newest || createdAtOf(order) >= createdAtOf(newest)) newest = order;
   }
 
   for (const [id, card] of cards) {
