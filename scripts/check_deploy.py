@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import traceback
 from pathlib import Path
 
@@ -209,6 +210,65 @@ def check_dockerfile_no_secrets() -> None:
         expect(pattern in ignore, f".dockerignore should list {pattern}")
 
 
+def dockerignore_excludes(rel: str) -> bool:
+    """Whether .dockerignore keeps `rel` (a path relative to the repo) out of the
+    build context: last matching pattern wins, `!` re-includes, a matching
+    parent directory excludes its contents, `**` spans directories."""
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.strip().startswith("#")]
+
+    def to_regex(pattern: str) -> re.Pattern:
+        out = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                out += "(?:.*/)?"
+                i += 3
+            elif pattern.startswith("**", i):
+                out += ".*"
+                i += 2
+            elif pattern[i] == "*":
+                out += "[^/]*"
+                i += 1
+            elif pattern[i] == "?":
+                out += "[^/]"
+                i += 1
+            else:
+                out += re.escape(pattern[i])
+                i += 1
+        return re.compile(out + "$")
+
+    parts = rel.split("/")
+    candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        rx = to_regex(pattern.lstrip("!").strip("/"))
+        if any(rx.match(c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def check_build_inputs_in_context() -> None:
+    """Files the binary embeds at compile time must reach the build context."""
+    refs = set()
+    for src in (ROOT / "src").rglob("*.rs"):
+        text = src.read_text()
+        for m in re.finditer(r'include_(?:str|bytes)!\(\s*"([^"]+)"\s*\)', text):
+            refs.add(os.path.relpath(os.path.normpath(src.parent / m.group(1)), ROOT))
+        for m in re.finditer(r'sqlx::migrate!\(\s*"([^"]+)"\s*\)', text):
+            refs.add(os.path.normpath(m.group(1)))
+    expect(refs, "found no embedded files (include_str!/sqlx::migrate!) to check")
+    for rel in sorted(refs):
+        expect((ROOT / rel).exists(), f"embedded path {rel} does not exist")
+        expect(not dockerignore_excludes(rel), f".dockerignore excludes {rel}, which the binary embeds")
+    for rel in ("Cargo.toml", "Cargo.lock", "src/main.rs", "deploy/docker/cargo-stubs.sh"):
+        expect(not dockerignore_excludes(rel), f".dockerignore excludes {rel}")
+    for rel in ("target/release/x", "target-bench/x", ".git/HEAD", ".venv-deploy/bin/python", "helm/orders-gateway/Chart.yaml",
+                "deploy/nginx/render.sh", ".env", "clients/js/node_modules/x/index.js"):
+        expect(dockerignore_excludes(rel), f".dockerignore should exclude {rel}")
+
+
 def check_cargo_stubs() -> None:
     script = ROOT / "deploy" / "docker" / "cargo-stubs.sh"
     manifest = """[package]
@@ -246,6 +306,10 @@ local = { path = "../local" }
         shutil.copy(ROOT / "Cargo.toml", Path(d, "Cargo.toml"))
         out = run(["sh", str(script), "Cargo.toml"], cwd=d).stdout.split()
         expect("src/main.rs" in out and "src/lib.rs" in out, f"project manifest stubs: {out}")
+        manifest = tomllib.loads((ROOT / "Cargo.toml").read_text())
+        declared = [t["path"] for kind in ("bin", "bench", "test", "example") for t in manifest.get(kind, []) if "path" in t]
+        missing = [p for p in declared if p not in out]
+        expect(not missing, f"declared targets without a stub: {missing}")
 
 
 # --------------------------------------------------------------------------
@@ -395,10 +459,10 @@ def check_postgres_seed() -> None:
                            "(SELECT sum(quantity * unit_price) FROM order_items i WHERE i.order_id = o.id)")
             expect(mismatched == "0", "order totals must equal the sum of their items")
             # updated_at is maintained by a trigger (contract).
-            before = q("SELECT updated_at FROM orders WHERE order_number = 'ORD-DEMO-0001'")
-            q("UPDATE orders SET order_status = 'confirmed' WHERE order_number = 'ORD-DEMO-0001'")
-            after = q("SELECT updated_at FROM orders WHERE order_number = 'ORD-DEMO-0001'")
-            expect(after > before, "the updated_at trigger should move updated_at on update")
+            moved = q("WITH old AS (SELECT updated_at FROM orders WHERE order_number = 'ORD-DEMO-0001'), "
+                      "upd AS (UPDATE orders SET order_status = 'confirmed' WHERE order_number = 'ORD-DEMO-0001' "
+                      "RETURNING updated_at) SELECT (SELECT updated_at FROM upd) > (SELECT updated_at FROM old)")
+            expect(moved == "t", "the updated_at trigger should move updated_at on update")
         finally:
             run(drop + [pg_ctl, "-D", str(base / "data"), "-m", "fast", "-w", "stop"], env=env, check=False)
 
@@ -863,7 +927,8 @@ def websocket_roundtrip(port: int, idle_seconds: float) -> str:
         status = head.split(b"\r\n")[0]
         expect(b" 101 " in status, f"expected 101 through nginx, got {status!r}")
         expected = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
-        expect(b"sec-websocket-accept: " + expected in head.lower(), "Sec-WebSocket-Accept passed through")
+        got = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+        expect(got.get(b"sec-websocket-accept") == expected, "Sec-WebSocket-Accept passed through")
         frame_head = recv_exact(s, 2)
         payload = json.loads(recv_exact(s, frame_head[1] & 0x7F))
         time.sleep(idle_seconds)
@@ -883,11 +948,13 @@ def check_nginx_live() -> None:
             rendered = render_nginx({"LISTEN_PORT": f"127.0.0.1:{port}", "UPSTREAMS": f"127.0.0.1:{a.port} 127.0.0.1:{b.port}",
                                      "NGINX_WORKER_PROCESSES": "1", "NGINX_WORKER_CONNECTIONS": "256"}, d, d / "nginx.conf")
             expect(rendered.returncode == 0, f"render failed: {rendered.stderr}")
+            log = open(d / "nginx.stderr", "wb")  # noqa: SIM115 - closed with the directory
             proc = subprocess.Popen(unprivileged_prefix() + [nginx, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", "stderr"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                    stdout=log, stderr=log)
             deadline = time.monotonic() + 10
             while True:
-                expect(proc.poll() is None, f"nginx exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+                if proc.poll() is not None:
+                    raise AssertionError(f"nginx exited {proc.returncode}: {(d / 'nginx.stderr').read_text()}")
                 with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
                     break
                 expect(time.monotonic() < deadline, "nginx did not start listening")
@@ -924,7 +991,7 @@ def check_nginx_live() -> None:
             b.mode = "ok"
 
             # 4. A dead replica (connection refused) is skipped: HTTP and new sockets.
-            time.sleep(2.2)  # let fail_timeout from step 3 expire
+            time.sleep(3.5)  # let fail_timeout (2 s, whole-second clock) from step 3 expire
             a.stop()
             for _ in range(6):
                 status, body = http_get(port, "/api/ws/orders/live/status")
@@ -1027,13 +1094,20 @@ def check_operations_doc() -> None:
     def keys(d: dict, prefix: str = "") -> list[str]:
         out = []
         for k, v in d.items():
-            if isinstance(v, dict) and v and k not in ("resources",):
+            if isinstance(v, dict) and v and k not in ("resources", "podSecurityContext", "securityContext"):
                 out += keys(v, f"{prefix}{k}.")
             else:
                 out.append(f"{prefix}{k}")
         return out
 
-    undocumented = [k for k in keys(values) if f"`{k}`" not in text]
+    def documented(key: str) -> bool:
+        # The key itself, or a parent at least two levels deep (`secrets.jwtSecret`
+        # documents its enabled/secretName/key fields together).
+        parts = key.split(".")
+        candidates = [key] + [".".join(parts[:i]) for i in range(2, len(parts))]
+        return any(f"`{c}`" in text for c in candidates)
+
+    undocumented = [k for k in keys(values) if not documented(k)]
     expect(not undocumented, f"Helm values not documented in OPERATIONS.md: {undocumented}")
 
 
@@ -1047,6 +1121,7 @@ def main() -> int:
     r.check("Dockerfile: runtime image (non-root, HEALTHCHECK, EXPOSE 8080)", check_dockerfile_runtime)
     r.check("Dockerfile: no baked secrets, .dockerignore", check_dockerfile_no_secrets)
     r.check("Dockerfile: cargo-stubs.sh stubs every declared target", check_cargo_stubs)
+    r.check("Dockerfile: embedded files reach the build context (.dockerignore)", check_build_inputs_in_context)
 
     print("== docker-compose")
     r.check("compose: docker-compose config -q", check_compose_config)

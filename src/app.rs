@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::db::Database;
 use crate::demo::Demo;
 use crate::domain::SnapshotSource;
-use crate::http::{router, AppState};
+use crate::http::{AppState, router};
 use crate::hub::Hub;
 use crate::node::Node;
 use crate::poller::Poller;
@@ -42,7 +42,9 @@ pub fn prometheus() -> PrometheusHandle {
             PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Suffix("duration_seconds".into()),
-                    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+                    &[
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ],
                 )
                 .expect("buckets are valid")
                 .install_recorder()
@@ -86,8 +88,16 @@ impl App {
             }
         };
         let instance_id = config.instance_id().to_string();
-        let hub = Hub::new(config.max_connections, config.max_connections_per_restaurant);
-        let node = Node::new(hub, backend.clone(), instance_id.clone(), config.presence_ttl());
+        let hub = Hub::new(
+            config.max_connections,
+            config.max_connections_per_restaurant,
+        );
+        let node = Node::new(
+            hub,
+            backend.clone(),
+            instance_id.clone(),
+            config.presence_ttl(),
+        );
         let verifier = Verifier::new(&config);
         let db = match &config.database_url {
             Some(url) => Some(Database::connect(url).context("DATABASE_URL")?),
@@ -141,11 +151,16 @@ impl App {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// Serve until `shutdown` resolves, then drain and return.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let App {
             listener,
             state,
@@ -196,7 +211,8 @@ impl App {
         state.draining.store(true, Ordering::Release);
         metrics::gauge!("orders_gateway_draining").set(1.0);
         state.sessions.shutdown.cancel();
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown_drain_ms);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(config.shutdown_drain_ms);
         while node.hub().connections() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -256,7 +272,11 @@ pub fn init_tracing(format: &str) {
         .unwrap_or_else(|_| EnvFilter::new("info,orders_gateway=info,tower_http=warn"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if format == "json" {
-        builder.json().flatten_event(true).with_current_span(true).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
     } else {
         builder.init();
     }

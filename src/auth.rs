@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
-use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde_json::Value;
 
 use crate::config::Config;
@@ -210,9 +210,7 @@ impl Verifier {
         }
         let restaurant = match node {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) => {
-                Some(s.parse().map_err(|_| AuthError::BadRestaurantClaim)?)
-            }
+            Some(Value::String(s)) => Some(s.parse().map_err(|_| AuthError::BadRestaurantClaim)?),
             Some(_) => return Err(AuthError::BadRestaurantClaim),
         };
         Ok(Identity {
@@ -230,7 +228,11 @@ impl Jwks {
             return Ok(k);
         }
         if !self.refetch(false).await {
-            let empty = self.keys.read().unwrap_or_else(|p| p.into_inner()).is_empty();
+            let empty = self
+                .keys
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
             if empty {
                 return Err(AuthError::KeysUnavailable);
             }
@@ -255,7 +257,12 @@ impl Jwks {
         }
         *last = Some(Instant::now());
         let fetched = async {
-            let resp = self.client.get(&self.url).send().await?.error_for_status()?;
+            let resp = self
+                .client
+                .get(&self.url)
+                .send()
+                .await?
+                .error_for_status()?;
             resp.json::<JwkSet>().await
         }
         .await;
@@ -265,7 +272,9 @@ impl Jwks {
                 for jwk in &set.keys {
                     let alg = match &jwk.algorithm {
                         AlgorithmParameters::RSA(_) => Algorithm::RS256,
-                        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+                        AlgorithmParameters::EllipticCurve(ec)
+                            if ec.curve == EllipticCurve::P256 =>
+                        {
                             Algorithm::ES256
                         }
                         _ => continue,

@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "orders-gateway", version, about = "Real-time order notifications for restaurant dashboards")]
+#[command(
+    name = "orders-gateway",
+    version,
+    about = "Real-time order notifications for restaurant dashboards"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -144,10 +148,10 @@ impl Config {
                 return Err(bad(
                     "JWT_SECRET",
                     "one of JWT_SECRET or JWT_JWKS_URL is required",
-                ))
+                ));
             }
             (Some(s), _) if s.len() < 16 => {
-                return Err(bad("JWT_SECRET", "must be at least 16 bytes"))
+                return Err(bad("JWT_SECRET", "must be at least 16 bytes"));
             }
             _ => {}
         }

@@ -75,6 +75,21 @@ pub struct Horizon {
     pub oldest_open_transaction: Option<DateTime<Utc>>,
 }
 
+/// The poll's one query: `$1` the active restaurants (uuid[]), `$2` the
+/// cursor. Public so that the benchmark can EXPLAIN exactly this text.
+pub fn changed_orders_sql() -> String {
+    format!(
+        "SELECT {ORDER_COLUMNS} FROM orders o WHERE o.updated_at >= $2 \
+         AND o.restaurant_id = ANY($1) ORDER BY o.updated_at, o.id"
+    )
+}
+
+/// The baseline of restaurants the poller starts watching (see
+/// [`Database::baseline`]); public for the benchmark.
+pub const BASELINE_SQL: &str = "SELECT o.restaurant_id, o.id, o.order_status, o.updated_at FROM orders o \
+     WHERE o.restaurant_id = ANY($1) AND o.updated_at < $2 \
+     AND o.order_status NOT IN ('completed', 'cancelled')";
+
 impl Database {
     /// Connects lazily: the gateway starts even while the database is down.
     pub fn connect(url: &str) -> Result<Database, sqlx::Error> {
@@ -113,14 +128,23 @@ impl Database {
             "SELECT {ORDER_COLUMNS} FROM orders o WHERE o.restaurant_id = $1 \
              AND o.order_status NOT IN ('completed', 'cancelled') ORDER BY o.created_at, o.id"
         );
-        let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(r.0).fetch_all(&self.pool).await?;
+        let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(r.0)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.into_iter().map(Order::from).collect())
     }
 
+    /// Autovacuum workers and WAL senders never write orders, yet a long
+    /// vacuum of a big table shows an old `xact_start`: left in, it would
+    /// hold the horizon back and make every tick re-read minutes of changes.
+    /// Every other backend (client sessions, background workers such as
+    /// pg_cron or logical replication) might write, so it counts.
     pub async fn horizon(&self) -> Result<Horizon, sqlx::Error> {
         let (db_now, oldest): (DateTime<Utc>, Option<DateTime<Utc>>) = sqlx::query_as(
             "SELECT clock_timestamp(), (SELECT min(xact_start) FROM pg_stat_activity \
-             WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL)",
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL \
+             AND backend_type NOT IN ('autovacuum worker', 'walsender'))",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -137,11 +161,7 @@ impl Database {
         restaurants: &[Uuid],
         since: DateTime<Utc>,
     ) -> Result<Vec<Order>, sqlx::Error> {
-        let sql = format!(
-            "SELECT {ORDER_COLUMNS} FROM orders o WHERE o.updated_at >= $2 \
-             AND o.restaurant_id = ANY($1) ORDER BY o.updated_at, o.id"
-        );
-        let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(changed_orders_sql()))
             .bind(restaurants)
             .bind(since)
             .fetch_all(&self.pool)
@@ -158,25 +178,26 @@ impl Database {
         restaurants: &[Uuid],
         before: DateTime<Utc>,
     ) -> Result<Vec<(Uuid, Uuid, String, DateTime<Utc>)>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT o.restaurant_id, o.id, o.order_status, o.updated_at FROM orders o \
-             WHERE o.restaurant_id = ANY($1) AND o.updated_at < $2 \
-             AND o.order_status NOT IN ('completed', 'cancelled')",
-        )
-        .bind(restaurants)
-        .bind(before)
-        .fetch_all(&self.pool)
-        .await
+        sqlx::query_as(BASELINE_SQL)
+            .bind(restaurants)
+            .bind(before)
+            .fetch_all(&self.pool)
+            .await
     }
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
     }
 }
 
 #[async_trait::async_trait]
 impl crate::domain::SnapshotSource for Database {
     async fn open_orders(&self, r: RestaurantId) -> Result<Vec<Order>, String> {
-        Database::open_orders(self, r).await.map_err(|e| e.to_string())
+        Database::open_orders(self, r)
+            .await
+            .map_err(|e| e.to_string())
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use jsonwebtoken::{encode, EncodingKey, Header};
+use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -16,8 +16,8 @@ use uuid::Uuid;
 use crate::broker::PublishRequest;
 use crate::config::Config;
 use crate::domain::{
-    format_timestamp, is_open_status, EventBody, EventKind, Order, OrderItem, RestaurantId,
-    SnapshotSource,
+    EventBody, EventKind, Order, OrderItem, RestaurantId, SnapshotSource, format_timestamp,
+    is_open_status,
 };
 use crate::node::Node;
 
@@ -32,7 +32,14 @@ const MENU: [(&str, f64); 6] = [
     ("Caesar salad", 8.0),
     ("Espresso", 2.5),
 ];
-const FLOW: [&str; 6] = ["pending", "confirmed", "preparing", "ready", "served", "completed"];
+const FLOW: [&str; 6] = [
+    "pending",
+    "confirmed",
+    "preparing",
+    "ready",
+    "served",
+    "completed",
+];
 
 #[derive(Clone)]
 pub struct Demo {
@@ -77,7 +84,10 @@ impl Demo {
     pub async fn run(self, base_url: String, stop: CancellationToken) {
         let url = format!("{base_url}/?token={}", self.token);
         println!("\n  orders-gateway demo: open the live board at\n\n    {url}\n");
-        tracing::info!("demo mode: simulating guests of restaurant {}", self.restaurant);
+        tracing::info!(
+            "demo mode: simulating guests of restaurant {}",
+            self.restaurant
+        );
         let mut n: u64 = 0;
         loop {
             tokio::select! {
@@ -106,7 +116,9 @@ impl Demo {
                     let (_, price) = MENU[(n as usize + i) % MENU.len()];
                     OrderItem {
                         id: Uuid::new_v4(),
-                        menu_item_id: Some(Uuid::from_u128(0xa000 + ((n as usize + i) % MENU.len()) as u128)),
+                        menu_item_id: Some(Uuid::from_u128(
+                            0xa000 + ((n as usize + i) % MENU.len()) as u128,
+                        )),
                         quantity: 1 + (i as i32 % 2),
                         unit_price: Some(price),
                     }
@@ -121,7 +133,9 @@ impl Demo {
                 order_number: Some(format!("ORD-{}-{:04}", now.format("%y%m%d"), n)),
                 restaurant_id: self.restaurant.0,
                 table_number: Some(1 + (n % 12) as i32),
-                customer_name: Some(["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima"][n as usize % 6].into()),
+                customer_name: Some(
+                    ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima"][n as usize % 6].into(),
+                ),
                 customer_phone: None,
                 order_status: "pending".into(),
                 payment_status: Some("pending".into()),
@@ -139,7 +153,10 @@ impl Demo {
                 .min_by_key(|o| o.updated_at)
                 .cloned()
                 .expect("open is not empty");
-            let at = FLOW.iter().position(|s| *s == order.order_status).unwrap_or(0);
+            let at = FLOW
+                .iter()
+                .position(|s| *s == order.order_status)
+                .unwrap_or(0);
             let previous = order.order_status.clone();
             order.order_status = FLOW[(at + 1).min(FLOW.len() - 1)].into();
             if order.order_status == "served" {

@@ -320,13 +320,28 @@ mod tests {
 
     #[test]
     fn event_ids_order_as_strings_and_round_trip() {
-        let a = EventId { epoch: 1_732_510_000_000, seq: 9 };
-        let b = EventId { epoch: 1_732_510_000_000, seq: 10 };
-        let c = EventId { epoch: 1_732_510_000_001, seq: 1 };
+        let a = EventId {
+            epoch: 1_732_510_000_000,
+            seq: 9,
+        };
+        let b = EventId {
+            epoch: 1_732_510_000_000,
+            seq: 10,
+        };
+        let c = EventId {
+            epoch: 1_732_510_000_001,
+            seq: 1,
+        };
         assert!(a.to_string() < b.to_string());
         assert!(b.to_string() < c.to_string());
         assert_eq!(b.to_string().parse::<EventId>().unwrap(), b);
-        for bad in ["", "1-2", "abc", "1732510000000-00000000000x", "1732510000000_000000000001"] {
+        for bad in [
+            "",
+            "1-2",
+            "abc",
+            "1732510000000-00000000000x",
+            "1732510000000_000000000001",
+        ] {
             assert!(bad.parse::<EventId>().is_err(), "{bad}");
         }
     }
@@ -348,7 +363,9 @@ mod tests {
     fn frames_of_another_restaurant_are_refused() {
         let r = RestaurantId(Uuid::new_v4());
         let other = Uuid::new_v4();
-        let text = format!(r#"{{"type":"order_created","order":{{"id":"{other}","restaurant_id":"{other}"}}}}"#);
+        let text = format!(
+            r#"{{"type":"order_created","order":{{"id":"{other}","restaurant_id":"{other}"}}}}"#
+        );
         assert_eq!(
             Frame::parse(r, text.into()).unwrap_err(),
             FrameError::WrongRestaurant

@@ -19,7 +19,9 @@ const SHARDS: usize = 32;
 pub struct Member {
     pub connection_id: Uuid,
     /// Bounded: a socket that cannot keep up is cut off, never buffered for.
-    pub queue: mpsc::Sender<Frame>,
+    /// Shared frames: a queue slot is one pointer, not a whole `Frame`
+    /// (tokio allocates a channel's first 32 slots up front, per socket).
+    pub queue: mpsc::Sender<Arc<Frame>>,
     /// Cancelled by the hub when `queue` overflows; the session closes with 4408.
     pub overflowed: CancellationToken,
 }
@@ -107,7 +109,10 @@ impl Hub {
         let Some(members) = shard.get_mut(&r) else {
             return true;
         };
-        if let Some(pos) = members.iter().position(|m| m.connection_id == connection_id) {
+        if let Some(pos) = members
+            .iter()
+            .position(|m| m.connection_id == connection_id)
+        {
             members.swap_remove(pos);
             self.inner.total.fetch_sub(1, Ordering::AcqRel);
         }
@@ -125,6 +130,7 @@ impl Hub {
         let shard = self.shard(r);
         let mut out = Fanout::default();
         if let Some(members) = shard.get(&r) {
+            let frame = Arc::new(frame.clone());
             for m in members {
                 match m.queue.try_send(frame.clone()) {
                     Ok(()) => out.delivered += 1,
@@ -167,7 +173,7 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn member(cap: usize) -> (Member, mpsc::Receiver<Frame>) {
+    fn member(cap: usize) -> (Member, mpsc::Receiver<Arc<Frame>>) {
         let (tx, rx) = mpsc::channel(cap);
         (
             Member {
@@ -195,11 +201,26 @@ mod tests {
         assert!(!hub.join(a, slow.clone()).unwrap());
         assert!(hub.join(b, other).unwrap());
 
-        assert_eq!(hub.broadcast(a, &frame(1)), Fanout { delivered: 2, overflowed: 0 });
-        assert_eq!(hub.broadcast(a, &frame(2)), Fanout { delivered: 1, overflowed: 1 });
+        assert_eq!(
+            hub.broadcast(a, &frame(1)),
+            Fanout {
+                delivered: 2,
+                overflowed: 0
+            }
+        );
+        assert_eq!(
+            hub.broadcast(a, &frame(2)),
+            Fanout {
+                delivered: 1,
+                overflowed: 1
+            }
+        );
         assert!(slow.overflowed.is_cancelled());
         assert!(!fast.overflowed.is_cancelled());
-        assert_eq!(fast_rx.try_recv().unwrap().text.as_str(), r#"{"n":1,"type":"t"}"#);
+        assert_eq!(
+            fast_rx.try_recv().unwrap().text.as_str(),
+            r#"{"n":1,"type":"t"}"#
+        );
         assert!(fast_rx.try_recv().is_ok());
         assert!(other_rx.try_recv().is_err());
 

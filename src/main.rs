@@ -1,5 +1,5 @@
 use clap::Parser;
-use orders_gateway::app::{init_tracing, shutdown_signal, App};
+use orders_gateway::app::{App, init_tracing, shutdown_signal};
 use orders_gateway::config::{Cli, Command};
 use orders_gateway::db::Database;
 

@@ -53,7 +53,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Node {
-    pub fn new(hub: Hub, backend: Arc<dyn Backend>, instance_id: String, presence_ttl: Duration) -> Node {
+    pub fn new(
+        hub: Hub,
+        backend: Arc<dyn Backend>,
+        instance_id: String,
+        presence_ttl: Duration,
+    ) -> Node {
         Node {
             inner: Arc::new(Inner {
                 hub,
@@ -113,7 +118,10 @@ impl Node {
     }
 
     fn subscription(&self, r: RestaurantId) -> Arc<tokio::sync::Mutex<bool>> {
-        lock(&self.inner.subscriptions).entry(r).or_default().clone()
+        lock(&self.inner.subscriptions)
+            .entry(r)
+            .or_default()
+            .clone()
     }
 
     async fn ensure_subscribed(&self, r: RestaurantId) -> Result<(), BrokerError> {
@@ -129,10 +137,11 @@ impl Node {
     /// Unsubscribe channels whose restaurant has had no local socket since
     /// the previous sweep (lazy: a dashboard reloading does not churn).
     async fn sweep_subscriptions(&self, idle: &mut HashMap<RestaurantId, u32>) {
-        let candidates: Vec<(RestaurantId, Arc<tokio::sync::Mutex<bool>>)> = lock(&self.inner.subscriptions)
-            .iter()
-            .map(|(r, c)| (*r, c.clone()))
-            .collect();
+        let candidates: Vec<(RestaurantId, Arc<tokio::sync::Mutex<bool>>)> =
+            lock(&self.inner.subscriptions)
+                .iter()
+                .map(|(r, c)| (*r, c.clone()))
+                .collect();
         for (r, cell) in candidates {
             if self.inner.hub.restaurant_connections(r) > 0 {
                 idle.remove(&r);
@@ -168,7 +177,11 @@ impl Node {
         self.inner.backend.publish(req).await
     }
 
-    pub async fn history_after(&self, r: RestaurantId, after: EventId) -> Result<History, BrokerError> {
+    pub async fn history_after(
+        &self,
+        r: RestaurantId,
+        after: EventId,
+    ) -> Result<History, BrokerError> {
         self.inner.backend.history_after(r, after).await
     }
 
@@ -207,9 +220,11 @@ impl Node {
             }
         }
         let out = self.inner.hub.broadcast(r, &frame);
-        metrics::counter!("orders_gateway_messages_delivered_total").increment(out.delivered as u64);
+        metrics::counter!("orders_gateway_messages_delivered_total")
+            .increment(out.delivered as u64);
         if out.overflowed > 0 {
-            metrics::counter!("orders_gateway_slow_client_closes_total").increment(out.overflowed as u64);
+            metrics::counter!("orders_gateway_slow_client_closes_total")
+                .increment(out.overflowed as u64);
         }
     }
 
@@ -248,7 +263,8 @@ impl Node {
             }
             self.heartbeat().await;
             self.sweep_subscriptions(&mut idle).await;
-            metrics::gauge!("orders_gateway_restaurants").set(self.inner.hub.restaurants().len() as f64);
+            metrics::gauge!("orders_gateway_restaurants")
+                .set(self.inner.hub.restaurants().len() as f64);
         }
     }
 

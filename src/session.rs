@@ -4,22 +4,24 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chrono::Utc;
+use futures_util::SinkExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::{mpsc, Semaphore};
-use tokio::time::{sleep_until, Instant};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use uuid::Uuid;
 
 use crate::auth::Verifier;
 use crate::broker::{BrokerError, ConnectionRecord, History};
-use crate::domain::{format_timestamp, EventId, Frame, RestaurantId, SnapshotSource};
+use crate::domain::{EventId, Frame, RestaurantId, SnapshotSource, format_timestamp};
 use crate::hub::{JoinError, Member};
 use crate::node::{Node, NodeError};
 
@@ -90,6 +92,9 @@ pub struct Admission {
 
 /// How long a close frame may take to leave before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A slow client's close frame waits behind what it has not read yet; give
+/// it time to get there (memory stays bounded by the socket buffers).
+const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the snapshot's versions are used to drop events it already shows.
 const SEAM_WINDOW: Duration = Duration::from_secs(60);
 
@@ -100,7 +105,21 @@ pub async fn close(socket: &mut WebSocket, reason: &CloseReason) {
         code: reason.code(),
         reason: Utf8Bytes::from(reason.text()),
     };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
+    let limit = if *reason == CloseReason::TooSlow {
+        SLOW_CLOSE_TIMEOUT
+    } else {
+        CLOSE_TIMEOUT
+    };
+    if tokio::time::timeout(limit, socket.send(Message::Close(Some(frame))))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        // Wait for the peer's close reply: dropping the TCP connection while
+        // it is still sending would answer with a reset, and a reset makes
+        // the peer's kernel discard our close frame unread.
+        let drain = async { while let Some(Ok(_)) = socket.recv().await {} };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain).await;
+    }
 }
 
 #[derive(Deserialize)]
@@ -221,7 +240,8 @@ pub async fn run(ctx: Arc<SessionContext>, socket: WebSocket, admission: Admissi
             close(&mut session.socket, reason).await;
         }
     } else {
-        metrics::counter!("orders_gateway_connections_closed_total", "code" => "client").increment(1);
+        metrics::counter!("orders_gateway_connections_closed_total", "code" => "client")
+            .increment(1);
     }
     ctx.node.leave(r, connection_id).await;
 }
@@ -239,7 +259,7 @@ impl Session<'_> {
     /// `None`: the client went away (nothing to close).
     async fn serve(
         &mut self,
-        mut queue: mpsc::Receiver<Frame>,
+        mut queue: mpsc::Receiver<Arc<Frame>>,
         overflowed: CancellationToken,
     ) -> Option<CloseReason> {
         match self.catch_up().await {
@@ -249,8 +269,10 @@ impl Session<'_> {
         }
         let ctx = self.ctx;
         let limiter: DefaultDirectRateLimiter = RateLimiter::direct(
-            Quota::per_second(ctx.client_message_rate)
-                .allow_burst(ctx.client_message_rate.saturating_mul(NonZeroU32::new(2).unwrap())),
+            Quota::per_second(ctx.client_message_rate).allow_burst(
+                ctx.client_message_rate
+                    .saturating_mul(NonZeroU32::new(2).unwrap()),
+            ),
         );
         let silence_limit = ctx.heartbeat_interval.mul_f32(2.5);
         let mut last_heard = Instant::now();
@@ -258,15 +280,28 @@ impl Session<'_> {
             Instant::now() + ctx.heartbeat_interval,
             ctx.heartbeat_interval,
         );
+        // Made once and polled in place: building them anew on every
+        // wake-up (a timer entry, two waiter registrations) cost more CPU
+        // per delivered event than the fan-out itself.
+        let shutdown = ctx.shutdown.cancelled();
+        tokio::pin!(shutdown);
+        let cut_off = overflowed.cancelled();
+        tokio::pin!(cut_off);
+        let mut expires_at = self.admission.expires_at;
+        let expiry = sleep_until(expiry_instant(expires_at));
+        tokio::pin!(expiry);
         loop {
-            let expiry = expiry_instant(self.admission.expires_at);
+            if self.admission.expires_at != expires_at {
+                expires_at = self.admission.expires_at;
+                expiry.as_mut().reset(expiry_instant(expires_at));
+            }
             let step = tokio::select! {
                 biased;
-                _ = ctx.shutdown.cancelled() => Step::Close(CloseReason::ShuttingDown),
-                _ = overflowed.cancelled() => Step::Close(CloseReason::TooSlow),
-                _ = sleep_until(expiry) => Step::Close(CloseReason::Unauthorized("token expired".into())),
+                _ = &mut shutdown => Step::Close(CloseReason::ShuttingDown),
+                _ = &mut cut_off => Step::Close(CloseReason::TooSlow),
+                _ = &mut expiry => Step::Close(CloseReason::Unauthorized("token expired".into())),
                 frame = queue.recv() => match frame {
-                    Some(frame) => self.relay(frame, &overflowed).await,
+                    Some(frame) => self.relay(frame, cut_off.as_mut(), shutdown.as_mut()).await,
                     None => Step::Close(CloseReason::TooSlow),
                 },
                 msg = self.socket.recv() => {
@@ -301,13 +336,17 @@ impl Session<'_> {
         if let Some(after) = self.admission.last_event_id {
             match node.history_after(r, after).await {
                 Ok(History::Events(frames)) => {
-                    metrics::counter!("orders_gateway_history_replays_total", "result" => "hit").increment(1);
+                    metrics::counter!("orders_gateway_history_replays_total", "result" => "hit")
+                        .increment(1);
                     replay = Some(frames);
                     self.seam.cursor = Some(after);
                 }
                 Ok(History::Gone) => {
-                    metrics::counter!("orders_gateway_history_replays_total", "result" => "miss").increment(1);
-                    resync_reason = Some("last_event_id is older than the kept history, unknown, or its history was lost");
+                    metrics::counter!("orders_gateway_history_replays_total", "result" => "miss")
+                        .increment(1);
+                    resync_reason = Some(
+                        "last_event_id is older than the kept history, unknown, or its history was lost",
+                    );
                 }
                 Err(e) => return Err(Some(unavailable(e))),
             }
@@ -325,7 +364,9 @@ impl Session<'_> {
         self.send_json(established).await.map_err(|_| None)?;
         if let Some(frames) = replay {
             for text in frames {
-                let Ok(frame) = Frame::parse(r, text) else { continue };
+                let Ok(frame) = Frame::parse(r, text) else {
+                    continue;
+                };
                 if self.seam.admits(&frame) {
                     self.send_text(frame.text).await.map_err(|_| None)?;
                 }
@@ -356,7 +397,9 @@ impl Session<'_> {
             .map_err(|e| Some(unavailable(e)))?;
         let orders = source.open_orders(r).await.map_err(|e| {
             tracing::warn!(restaurant_id = %r, error = %e, "snapshot failed");
-            Some(CloseReason::Unavailable("snapshot unavailable, retry".into()))
+            Some(CloseReason::Unavailable(
+                "snapshot unavailable, retry".into(),
+            ))
         })?;
         metrics::counter!("orders_gateway_snapshots_total").increment(1);
         self.seam.cursor = last.max(self.seam.cursor);
@@ -373,9 +416,14 @@ impl Session<'_> {
         self.send_json(frame).await.map_err(|_| None)
     }
 
-    async fn relay(&mut self, frame: Frame, overflowed: &CancellationToken) -> Step {
+    async fn relay(
+        &mut self,
+        frame: Arc<Frame>,
+        cut_off: Pin<&mut WaitForCancellationFuture<'_>>,
+        shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
+    ) -> Step {
         if frame.resync {
-            if self.send_text(frame.text).await.is_err() {
+            if self.send_text(frame.text.clone()).await.is_err() {
                 return Step::Gone;
             }
             self.seam.cursor = None;
@@ -392,9 +440,9 @@ impl Session<'_> {
         // the queue and cancels `overflowed`, which must win the race.
         tokio::select! {
             biased;
-            _ = overflowed.cancelled() => Step::Close(CloseReason::TooSlow),
-            _ = self.ctx.shutdown.cancelled() => Step::Close(CloseReason::ShuttingDown),
-            sent = self.socket.send(Message::Text(frame.text)) => match sent {
+            _ = cut_off => Step::Close(CloseReason::TooSlow),
+            _ = shutdown => Step::Close(CloseReason::ShuttingDown),
+            sent = self.socket.send(Message::Text(frame.text.clone())) => match sent {
                 Ok(()) => Step::Continue,
                 Err(_) => Step::Gone,
             },
@@ -418,7 +466,11 @@ impl Session<'_> {
             Some(Ok(m)) => m,
         };
         let text = match msg {
-            Message::Close(_) => return Step::Gone,
+            Message::Close(_) => {
+                // tungstenite has queued the echo; let it leave (RFC 6455 5.5.1).
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, SinkExt::flush(&mut self.socket)).await;
+                return Step::Gone;
+            }
             Message::Ping(_) | Message::Pong(_) => return Step::Continue,
             Message::Text(t) => t,
             Message::Binary(_) => {
@@ -466,14 +518,18 @@ impl Session<'_> {
                 let same_restaurant = id.restaurant.is_none_or(|r| r == self.admission.restaurant);
                 if id.user_id != self.admission.user_id || !same_restaurant {
                     return self
-                        .error_frame("auth_mismatch", "the new token is for another user or restaurant")
+                        .error_frame(
+                            "auth_mismatch",
+                            "the new token is for another user or restaurant",
+                        )
                         .await;
                 }
                 self.admission.expires_at = id.expires_at;
                 Step::Continue
             }
             Err(e) => {
-                metrics::counter!("orders_gateway_auth_failures_total", "reason" => e.reason()).increment(1);
+                metrics::counter!("orders_gateway_auth_failures_total", "reason" => e.reason())
+                    .increment(1);
                 self.error_frame("auth_failed", &e.to_string()).await
             }
         }

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{Mutex, mpsc};
 
 use super::{
     Broker, BrokerError, Cluster, ConnectionRecord, History, Inbound, Lease, PollerState,
     PollerStateDelta, PublishRequest, Published,
 };
 use crate::config::HistoryLimits;
-use crate::domain::{stamp_event_id, EventId, RestaurantId};
+use crate::domain::{EventId, RestaurantId, stamp_event_id};
 
 /// How many order versions the embedded broker remembers for deduplication.
 const DEDUP_CAPACITY: usize = 100_000;
@@ -65,7 +65,11 @@ impl MemoryBroker {
 }
 
 impl State {
-    fn history(&mut self, r: RestaurantId, limits: HistoryLimits) -> Option<&mut RestaurantHistory> {
+    fn history(
+        &mut self,
+        r: RestaurantId,
+        limits: HistoryLimits,
+    ) -> Option<&mut RestaurantHistory> {
         let expired = self
             .histories
             .get(&r)
@@ -95,7 +99,11 @@ impl State {
     }
 
     fn leader_token(&mut self) -> Option<&str> {
-        if self.leader.as_ref().is_some_and(|(_, exp)| *exp <= Instant::now()) {
+        if self
+            .leader
+            .as_ref()
+            .is_some_and(|(_, exp)| *exp <= Instant::now())
+        {
             self.leader = None;
         }
         self.leader.as_ref().map(|(t, _)| t.as_str())
@@ -144,7 +152,10 @@ impl Broker for MemoryBroker {
                 },
             );
         }
-        let h = st.histories.get_mut(&req.restaurant).expect("inserted above");
+        let h = st
+            .histories
+            .get_mut(&req.restaurant)
+            .expect("inserted above");
         h.seq += 1;
         h.last_at = Instant::now();
         let id = EventId {
@@ -242,7 +253,11 @@ impl Cluster for MemoryBroker {
         Ok(())
     }
 
-    async fn remove_instance(&self, instance_id: &str, connections: &[ConnectionRecord]) -> Result<(), BrokerError> {
+    async fn remove_instance(
+        &self,
+        instance_id: &str,
+        connections: &[ConnectionRecord],
+    ) -> Result<(), BrokerError> {
         let mut st = self.state.lock().await;
         st.instances.remove(instance_id);
         for c in connections {
@@ -282,7 +297,11 @@ impl Cluster for MemoryBroker {
         Ok(set.into_iter().collect())
     }
 
-    async fn try_acquire_leader(&self, instance_id: &str, ttl: Duration) -> Result<Option<Lease>, BrokerError> {
+    async fn try_acquire_leader(
+        &self,
+        instance_id: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, BrokerError> {
         let mut st = self.state.lock().await;
         if st.leader_token().is_some() {
             return Ok(None);
@@ -316,7 +335,10 @@ impl Cluster for MemoryBroker {
         Ok(st.leader_token().and_then(Lease::holder_of))
     }
 
-    async fn load_poller_state(&self, restaurants: &[RestaurantId]) -> Result<PollerState, BrokerError> {
+    async fn load_poller_state(
+        &self,
+        restaurants: &[RestaurantId],
+    ) -> Result<PollerState, BrokerError> {
         let st = self.state.lock().await;
         Ok(PollerState {
             cursor_micros: st.poller.cursor_micros,
@@ -328,7 +350,11 @@ impl Cluster for MemoryBroker {
         })
     }
 
-    async fn save_poller_state(&self, lease: &Lease, delta: &PollerStateDelta) -> Result<(), BrokerError> {
+    async fn save_poller_state(
+        &self,
+        lease: &Lease,
+        delta: &PollerStateDelta,
+    ) -> Result<(), BrokerError> {
         let mut st = self.state.lock().await;
         if st.leader_token() != Some(lease.token.as_str()) {
             return Err(BrokerError::Fenced);

@@ -106,7 +106,8 @@ impl Lease {
         let mut parts = token.splitn(2, ':');
         parts.next()?;
         let rest = parts.next()?;
-        rest.rsplit_once(':').map(|(instance, _)| instance.to_string())
+        rest.rsplit_once(':')
+            .map(|(instance, _)| instance.to_string())
     }
 }
 
@@ -159,22 +160,37 @@ pub trait Cluster: Send + Sync + 'static {
         connections: &[ConnectionRecord],
         ttl: Duration,
     ) -> Result<(), BrokerError>;
-    async fn remove_instance(&self, instance_id: &str, connections: &[ConnectionRecord]) -> Result<(), BrokerError>;
+    async fn remove_instance(
+        &self,
+        instance_id: &str,
+        connections: &[ConnectionRecord],
+    ) -> Result<(), BrokerError>;
     async fn connections(&self, r: RestaurantId) -> Result<Vec<ConnectionRecord>, BrokerError>;
     async fn live_instances(&self) -> Result<usize, BrokerError>;
     /// Restaurants with at least one live socket anywhere.
     async fn active_restaurants(&self) -> Result<Vec<RestaurantId>, BrokerError>;
 
     /// Take the poller lock if free.
-    async fn try_acquire_leader(&self, instance_id: &str, ttl: Duration) -> Result<Option<Lease>, BrokerError>;
+    async fn try_acquire_leader(
+        &self,
+        instance_id: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, BrokerError>;
     /// Extend the lock; false when it is no longer ours.
     async fn renew_leader(&self, lease: &Lease, ttl: Duration) -> Result<bool, BrokerError>;
     async fn release_leader(&self, lease: &Lease) -> Result<(), BrokerError>;
     /// Current holder's instance id.
     async fn leader(&self) -> Result<Option<String>, BrokerError>;
-    async fn load_poller_state(&self, restaurants: &[RestaurantId]) -> Result<PollerState, BrokerError>;
+    async fn load_poller_state(
+        &self,
+        restaurants: &[RestaurantId],
+    ) -> Result<PollerState, BrokerError>;
     /// Save progress, refused with [`BrokerError::Fenced`] under a stale lease.
-    async fn save_poller_state(&self, lease: &Lease, delta: &PollerStateDelta) -> Result<(), BrokerError>;
+    async fn save_poller_state(
+        &self,
+        lease: &Lease,
+        delta: &PollerStateDelta,
+    ) -> Result<(), BrokerError>;
 }
 
 /// Both halves, as the node holds them.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
-use deadpool_redis::redis::{self, aio::PubSubSink, FromRedisValue};
+use deadpool_redis::redis::{self, FromRedisValue, aio::PubSubSink};
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    backoff, Broker, BrokerError, Cluster, ConnectionRecord, History, Inbound, Lease,
-    PollerState, PollerStateDelta, PublishRequest, Published,
+    Broker, BrokerError, Cluster, ConnectionRecord, History, Inbound, Lease, PollerState,
+    PollerStateDelta, PublishRequest, Published, backoff,
 };
 use crate::config::HistoryLimits;
 use crate::domain::{EventId, RestaurantId};
@@ -157,7 +157,7 @@ impl RedisBroker {
                     self.install().await?;
                 }
                 Ok(Err(e)) if e.code().is_some() && !e.is_io_error() => {
-                    return Err(BrokerError::Rejected(e.to_string()))
+                    return Err(BrokerError::Rejected(e.to_string()));
                 }
                 Ok(Err(e)) => return Err(unavailable(e)),
             }
@@ -228,7 +228,10 @@ async fn receive(
         metrics::gauge!("orders_gateway_redis_up").set(1.0);
         if was_connected {
             metrics::counter!("orders_gateway_redis_reconnects_total").increment(1);
-            tracing::info!(channels = channels.len(), "Redis pub/sub reconnected, subscriptions restored");
+            tracing::info!(
+                channels = channels.len(),
+                "Redis pub/sub reconnected, subscriptions restored"
+            );
             let _ = inbound.send(Inbound::Resubscribed).await;
         }
         was_connected = true;
@@ -263,7 +266,11 @@ async fn retry_later(attempt: &mut u32, why: &str, shutdown: &CancellationToken)
     metrics::gauge!("orders_gateway_redis_up").set(0.0);
     let delay = backoff(*attempt);
     if *attempt % 10 == 0 {
-        tracing::warn!(error = why, retry_in_ms = delay.as_millis() as u64, "Redis pub/sub unavailable");
+        tracing::warn!(
+            error = why,
+            retry_in_ms = delay.as_millis() as u64,
+            "Redis pub/sub unavailable"
+        );
     }
     *attempt = attempt.saturating_add(1);
     tokio::select! {
@@ -324,8 +331,11 @@ impl Broker for RedisBroker {
             return Ok(History::Gone);
         }
         Ok(History::Events(
-            it.filter_map(|m| m.split_once('|').map(|(_, f)| Utf8Bytes::from(f.to_string())))
-                .collect(),
+            it.filter_map(|m| {
+                m.split_once('|')
+                    .map(|(_, f)| Utf8Bytes::from(f.to_string()))
+            })
+            .collect(),
         ))
     }
 
@@ -402,7 +412,11 @@ impl Cluster for RedisBroker {
         self.query::<()>(pipe).await
     }
 
-    async fn remove_instance(&self, instance_id: &str, connections: &[ConnectionRecord]) -> Result<(), BrokerError> {
+    async fn remove_instance(
+        &self,
+        instance_id: &str,
+        connections: &[ConnectionRecord],
+    ) -> Result<(), BrokerError> {
         let mut pipe = redis::pipe();
         pipe.zrem(INSTANCES, instance_id).ignore();
         for c in connections {
@@ -441,7 +455,11 @@ impl Cluster for RedisBroker {
         Ok(members.iter().filter_map(|m| m.parse().ok()).collect())
     }
 
-    async fn try_acquire_leader(&self, instance_id: &str, ttl: Duration) -> Result<Option<Lease>, BrokerError> {
+    async fn try_acquire_leader(
+        &self,
+        instance_id: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, BrokerError> {
         let ttl = ttl.as_millis().to_string();
         let nonce = Uuid::new_v4().simple().to_string();
         let token: Option<String> = self
@@ -468,7 +486,10 @@ impl Cluster for RedisBroker {
         Ok(token.as_deref().and_then(Lease::holder_of))
     }
 
-    async fn load_poller_state(&self, restaurants: &[RestaurantId]) -> Result<PollerState, BrokerError> {
+    async fn load_poller_state(
+        &self,
+        restaurants: &[RestaurantId],
+    ) -> Result<PollerState, BrokerError> {
         let mut pipe = redis::pipe();
         pipe.get("og:poll:cursor").get("og:poll:last");
         for r in restaurants {
@@ -496,14 +517,23 @@ impl Cluster for RedisBroker {
         Ok(state)
     }
 
-    async fn save_poller_state(&self, lease: &Lease, delta: &PollerStateDelta) -> Result<(), BrokerError> {
+    async fn save_poller_state(
+        &self,
+        lease: &Lease,
+        delta: &PollerStateDelta,
+    ) -> Result<(), BrokerError> {
         let changes: serde_json::Map<String, serde_json::Value> = delta
             .changes
             .iter()
             .map(|(r, fields)| {
                 let obj: serde_json::Map<String, serde_json::Value> = fields
                     .iter()
-                    .map(|(k, v)| (k.clone(), v.clone().map_or(serde_json::Value::Null, Into::into)))
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            v.clone().map_or(serde_json::Value::Null, Into::into),
+                        )
+                    })
                     .collect();
                 (r.to_string(), obj.into())
             })

@@ -4,21 +4,25 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use super::{bearer, parse_query, status_ok, ApiError, AppState};
+use super::{ApiError, AppState, bearer, parse_query, status_ok};
 use crate::broker::PublishRequest;
-use crate::domain::{format_timestamp, EventBody, EventKind, Order, RestaurantId, ORDER_STATUSES};
+use crate::domain::{EventBody, EventKind, ORDER_STATUSES, Order, RestaurantId, format_timestamp};
 
 /// Largest accepted publish body.
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;
 
-async fn caller_restaurant(st: &AppState, headers: &HeaderMap, raw: Option<String>) -> Result<RestaurantId, ApiError> {
+async fn caller_restaurant(
+    st: &AppState,
+    headers: &HeaderMap,
+    raw: Option<String>,
+) -> Result<RestaurantId, ApiError> {
     let query = parse_query(raw.as_deref());
     // Status endpoints take the token from the Authorization header only.
     let token = bearer(headers, &Default::default());
@@ -127,7 +131,11 @@ pub async fn publish(
     }
     let body = body.map_err(|e| {
         let status = e.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "bad_request"
+        };
         ApiError::new(status, code, format!("could not read the body: {e}"))
     })?;
     let event: PublishBody = serde_json::from_slice(&body).map_err(|e| {
@@ -142,7 +150,9 @@ pub async fn publish(
     }
     if let Some(prev) = &event.previous_status {
         if !ORDER_STATUSES.contains(&prev.as_str()) {
-            return Err(ApiError::bad_request("previous_status is not an order status"));
+            return Err(ApiError::bad_request(
+                "previous_status is not an order status",
+            ));
         }
     }
     let restaurant = RestaurantId(event.order.restaurant_id);
@@ -169,7 +179,8 @@ pub async fn publish(
         .await?;
     let source = "http";
     if published.duplicate {
-        metrics::counter!("orders_gateway_events_deduplicated_total", "source" => source).increment(1);
+        metrics::counter!("orders_gateway_events_deduplicated_total", "source" => source)
+            .increment(1);
         Ok(status_ok(
             StatusCode::OK,
             json!({ "event_id": published.event_id.to_string(), "duplicate": true }),

@@ -1,9 +1,9 @@
 //! `ApiError`: every HTTP failure as `{"error":{"code","message"}}` with
 //! its status. Internal details are logged, never shown.
 
+use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde_json::json;
 
 use crate::auth::AuthError;
@@ -43,7 +43,8 @@ impl ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> ApiError {
-        metrics::counter!("orders_gateway_auth_failures_total", "reason" => e.reason()).increment(1);
+        metrics::counter!("orders_gateway_auth_failures_total", "reason" => e.reason())
+            .increment(1);
         ApiError::unauthorized(e.to_string())
     }
 }
@@ -58,7 +59,11 @@ impl From<BrokerError> for ApiError {
             BrokerError::Fenced => ApiError::new(StatusCode::CONFLICT, "fenced", "stale lease"),
             BrokerError::Rejected(detail) => {
                 tracing::error!(error = %detail, "broker rejected a request");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
             }
         }
     }

@@ -6,11 +6,11 @@ mod error;
 mod ws;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, Request, StatusCode};
+use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -177,14 +177,16 @@ impl AppState {
     ) -> Result<(Identity, RestaurantId), AccessError> {
         let token = token.ok_or(AccessError::Auth(AuthError::Missing))?;
         let identity = self.verifier.verify(&token).await.map_err(|e| {
-            metrics::counter!("orders_gateway_auth_failures_total", "reason" => e.reason()).increment(1);
+            metrics::counter!("orders_gateway_auth_failures_total", "reason" => e.reason())
+                .increment(1);
             AccessError::Auth(e)
         })?;
         let requested = match query.get("restaurant_id").map(|s| s.trim()) {
             None | Some("") => None,
-            Some(s) => Some(s.parse::<RestaurantId>().map_err(|_| {
-                AccessError::BadRequest("restaurant_id is not a UUID".into())
-            })?),
+            Some(s) => Some(
+                s.parse::<RestaurantId>()
+                    .map_err(|_| AccessError::BadRequest("restaurant_id is not a UUID".into()))?,
+            ),
         };
         if let Some(claimed) = identity.restaurant {
             return match requested {
@@ -202,16 +204,22 @@ impl AppState {
             AccessError::Unavailable("membership lookup unavailable, retry".into())
         })?;
         let restaurant = match (memberships.as_slice(), requested) {
-            ([], _) => return Err(AccessError::Forbidden("not a member of any restaurant".into())),
+            ([], _) => {
+                return Err(AccessError::Forbidden(
+                    "not a member of any restaurant".into(),
+                ));
+            }
             ([only], None) => *only,
             (_, None) => {
                 return Err(AccessError::BadRequest(
                     "member of several restaurants: restaurant_id is required".into(),
-                ))
+                ));
             }
             (all, Some(r)) if all.contains(&r) => r,
             (_, Some(_)) => {
-                return Err(AccessError::Forbidden("not a member of that restaurant".into()))
+                return Err(AccessError::Forbidden(
+                    "not a member of that restaurant".into(),
+                ));
             }
         };
         Ok((identity, restaurant))

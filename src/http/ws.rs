@@ -3,11 +3,11 @@
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderMap};
+use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use tracing::Instrument;
 
-use super::{bearer, parse_query, AppState};
+use super::{AppState, bearer, parse_query};
 use crate::domain::EventId;
 use crate::session::{self, Admission, CloseReason};
 
@@ -15,7 +15,7 @@ use crate::session::{self, Admission, CloseReason};
 pub const MAX_CLIENT_FRAME: usize = 64 * 1024;
 /// Small socket buffers keep an idle connection's memory low: dashboards
 /// send tiny frames and receive ~1 KiB events.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 0;
 /// Past this much unsent data, sends wait (then the queue overflows → 4408).
 const MAX_WRITE_BUFFER: usize = 256 * 1024;
@@ -48,7 +48,11 @@ pub async fn upgrade(
         })
 }
 
-async fn admit(st: &AppState, headers: &HeaderMap, raw: Option<&str>) -> Result<Admission, CloseReason> {
+async fn admit(
+    st: &AppState,
+    headers: &HeaderMap,
+    raw: Option<&str>,
+) -> Result<Admission, CloseReason> {
     if st.is_draining() {
         return Err(CloseReason::ShuttingDown);
     }

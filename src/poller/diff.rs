@@ -49,22 +49,31 @@ pub struct Change {
 /// Classify every row against `known`.
 ///
 /// - same version as known → nothing (re-read inside the overlap window);
+///   any other `updated_at`, earlier ones included, is a new version: the
+///   trigger stamps `now()`, the writing transaction's start, so a
+///   transaction that began before another one but updated the row after it
+///   committed leaves an *older* timestamp on a *newer* state. The poller
+///   reads successive snapshots, so what it reads is never older than what
+///   it knew;
 /// - never seen, created inside this poll's window → `order_created` (also
 ///   when it changed again before this poll saw it: one event, latest state);
 /// - never seen, created before the window → `order_updated` (an order that
 ///   existed before the restaurant was watched; its old status is unknown);
 /// - known, status differs → `order_status_changed` with `previous_status`;
 /// - known, anything else differs → `order_updated`.
-pub fn diff(known: &HashMap<Uuid, Known>, rows: &[Order], window_start: DateTime<Utc>) -> Vec<Change> {
+pub fn diff(
+    known: &HashMap<Uuid, Known>,
+    rows: &[Order],
+    window_start: DateTime<Utc>,
+) -> Vec<Change> {
     let mut changes = Vec::new();
     for (row, order) in rows.iter().enumerate() {
         let micros = order.updated_at.timestamp_micros();
         let change = match known.get(&order.id) {
-            Some(k) if micros <= k.updated_at_micros => None,
-            Some(k) if k.status != order.order_status => Some((
-                EventKind::OrderStatusChanged,
-                Some(k.status.clone()),
-            )),
+            Some(k) if micros == k.updated_at_micros => None,
+            Some(k) if k.status != order.order_status => {
+                Some((EventKind::OrderStatusChanged, Some(k.status.clone())))
+            }
             Some(_) => Some((EventKind::OrderUpdated, None)),
             None if order.created_at >= window_start => Some((EventKind::OrderCreated, None)),
             None => Some((EventKind::OrderUpdated, None)),
@@ -122,7 +131,11 @@ mod tests {
         let out = diff(&HashMap::new(), &rows, t(99));
         assert_eq!(
             out,
-            vec![Change { kind: EventKind::OrderCreated, previous_status: None, row: 0 }]
+            vec![Change {
+                kind: EventKind::OrderCreated,
+                previous_status: None,
+                row: 0
+            }]
         );
     }
 
@@ -157,15 +170,30 @@ mod tests {
         let out = diff(&k, &rows, t(99));
         assert_eq!(
             out,
-            vec![Change { kind: EventKind::OrderUpdated, previous_status: None, row: 0 }]
+            vec![Change {
+                kind: EventKind::OrderUpdated,
+                previous_status: None,
+                row: 0
+            }]
         );
     }
 
     #[test]
-    fn an_older_version_than_known_is_ignored() {
+    fn an_earlier_timestamp_than_known_is_still_a_change() {
+        // T1 begins at 100, T2 begins at 105, sets "ready" and commits; T1
+        // then marks the order paid and commits: the row now carries 100.
         let id = Uuid::new_v4();
-        let k = HashMap::from([(id, known("ready", 110))]);
-        assert!(diff(&k, &[order(id, "pending", 90, 100)], t(99)).is_empty());
+        let k = HashMap::from([(id, known("ready", 105))]);
+        let mut paid = order(id, "ready", 90, 100);
+        paid.payment_status = Some("paid".into());
+        assert_eq!(
+            diff(&k, &[paid], t(99)),
+            vec![Change {
+                kind: EventKind::OrderUpdated,
+                previous_status: None,
+                row: 0
+            }]
+        );
     }
 
     #[test]

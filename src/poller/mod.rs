@@ -13,19 +13,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use futures_util::{stream, StreamExt};
+use futures_util::{StreamExt, stream};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::{Backend, BrokerError, Lease, PollerStateDelta, PublishRequest};
 use crate::config::Config;
 use crate::db::Database;
-use crate::domain::{format_timestamp, is_open_status, EventBody, RestaurantId};
-use diff::{diff, Known};
+use crate::domain::{EventBody, RestaurantId, format_timestamp, is_open_status};
+use diff::{Known, diff};
 
 /// Never look further back than this, even for an older open transaction
 /// (an idle-in-transaction session must not make every tick re-read hours).
 const MAX_LOOKBACK: Duration = Duration::from_secs(15 * 60);
+/// The smallest re-read window used, whatever POLL_OVERLAP_MS says. A
+/// transaction takes its start time (its rows' `updated_at`) a moment before
+/// it shows up in pg_stat_activity; the overlap must cover that moment even
+/// on a busy server, so it is never zero.
+const MIN_OVERLAP: Duration = Duration::from_millis(250);
 /// Publishes in flight at once during a tick.
 const PUBLISH_CONCURRENCY: usize = 32;
 
@@ -63,7 +68,7 @@ impl Poller {
             instance_id: cfg.instance_id().to_string(),
             interval: cfg.poll_interval(),
             ttl: cfg.leader_ttl(),
-            overlap: Duration::from_millis(cfg.poll_overlap_ms),
+            overlap: Duration::from_millis(cfg.poll_overlap_ms).max(MIN_OVERLAP),
         }
     }
 
@@ -71,7 +76,11 @@ impl Poller {
     pub async fn run(self, stop: CancellationToken) {
         let retry = self.interval.min(self.ttl / 3);
         loop {
-            let lease = match self.backend.try_acquire_leader(&self.instance_id, self.ttl).await {
+            let lease = match self
+                .backend
+                .try_acquire_leader(&self.instance_id, self.ttl)
+                .await
+            {
                 Ok(Some(lease)) => Some(lease),
                 Ok(None) => None,
                 Err(e) => {
@@ -152,7 +161,8 @@ impl Poller {
                     loaded = false;
                 }
             }
-            metrics::gauge!("orders_gateway_poller_lag_seconds").set(last_success.elapsed().as_secs_f64());
+            metrics::gauge!("orders_gateway_poller_lag_seconds")
+                .set(last_success.elapsed().as_secs_f64());
         }
         lost.cancel();
         let _ = renewer.await;
@@ -180,7 +190,12 @@ impl Poller {
 
     /// One poll. Returns the number of rows read.
     async fn tick(&self, lease: &Lease, progress: &mut Progress) -> Result<usize, TickError> {
-        let active: HashSet<RestaurantId> = self.backend.active_restaurants().await?.into_iter().collect();
+        let active: HashSet<RestaurantId> = self
+            .backend
+            .active_restaurants()
+            .await?
+            .into_iter()
+            .collect();
         metrics::gauge!("orders_gateway_poller_active_restaurants").set(active.len() as f64);
         // Taken before the query's snapshot: every commit the query cannot
         // see belongs to a transaction that started after `next_cursor`.
@@ -218,10 +233,10 @@ impl Poller {
             for r in &new {
                 progress.known.insert(RestaurantId(*r), HashMap::new());
                 // Marks the restaurant as watched even when it has no orders.
-                changes
-                    .entry(RestaurantId(*r))
-                    .or_default()
-                    .push(("_watched".into(), Some(since.timestamp_micros().to_string())));
+                changes.entry(RestaurantId(*r)).or_default().push((
+                    "_watched".into(),
+                    Some(since.timestamp_micros().to_string()),
+                ));
             }
             for (r, id, status, updated_at) in self.db.baseline(&new, since).await? {
                 let k = Known {
@@ -232,7 +247,11 @@ impl Poller {
                     .entry(RestaurantId(r))
                     .or_default()
                     .push((id.to_string(), Some(k.encode())));
-                progress.known.entry(RestaurantId(r)).or_default().insert(id, k);
+                progress
+                    .known
+                    .entry(RestaurantId(r))
+                    .or_default()
+                    .insert(id, k);
             }
         }
 
@@ -244,7 +263,10 @@ impl Poller {
         };
         let mut by_restaurant: HashMap<RestaurantId, Vec<usize>> = HashMap::new();
         for (i, o) in rows.iter().enumerate() {
-            by_restaurant.entry(RestaurantId(o.restaurant_id)).or_default().push(i);
+            by_restaurant
+                .entry(RestaurantId(o.restaurant_id))
+                .or_default()
+                .push(i);
         }
         let mut to_publish = Vec::new();
         for (r, indices) in &by_restaurant {
@@ -284,10 +306,17 @@ impl Poller {
         for (result, r, id, k) in results {
             match result {
                 Ok(p) => {
-                    let label = if p.duplicate { "deduplicated" } else { "published" };
+                    let label = if p.duplicate {
+                        "deduplicated"
+                    } else {
+                        "published"
+                    };
                     metrics::counter!(format!("orders_gateway_events_{label}_total"), "source" => "poller")
                         .increment(1);
-                    changes.entry(r).or_default().push((id.to_string(), Some(k.encode())));
+                    changes
+                        .entry(r)
+                        .or_default()
+                        .push((id.to_string(), Some(k.encode())));
                     progress.known.entry(r).or_default().insert(id, k);
                 }
                 Err(e) => {

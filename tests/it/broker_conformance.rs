@@ -43,7 +43,9 @@ async fn redis() -> Subject {
     let redis = Redis::start().await;
     let (tx, rx) = mpsc::channel(1024);
     let stop = CancellationToken::new();
-    let broker = RedisBroker::start(&redis.url(), tx, LIMITS, stop.clone()).await.unwrap();
+    let broker = RedisBroker::start(&redis.url(), tx, LIMITS, stop.clone())
+        .await
+        .unwrap();
     Subject {
         backend: Arc::new(broker),
         inbound: rx,
@@ -78,7 +80,10 @@ async fn subscribe_until_ready(s: &Subject, r: RestaurantId) {
 
 async fn received(s: &mut Subject) -> (RestaurantId, String) {
     match tokio::time::timeout(Duration::from_secs(5), s.inbound.recv()).await {
-        Ok(Some(Inbound::Event { restaurant, payload })) => (restaurant, payload.to_string()),
+        Ok(Some(Inbound::Event {
+            restaurant,
+            payload,
+        })) => (restaurant, payload.to_string()),
         other => panic!("expected an event, got {other:?}"),
     }
 }
@@ -99,13 +104,26 @@ async fn numbering_delivery_and_isolation(mut s: Subject) {
     assert_eq!(r1, a);
     assert_eq!(
         f1,
-        format!(r#"{{"event_id":"{}","type":"order_updated","n":1}}"#, p1.event_id)
+        format!(
+            r#"{{"event_id":"{}","type":"order_updated","n":1}}"#,
+            p1.event_id
+        )
     );
     assert!(f2.contains(&p2.event_id.to_string()));
     // b is not subscribed: nothing of it arrives.
-    assert!(tokio::time::timeout(Duration::from_millis(300), s.inbound.recv()).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), s.inbound.recv())
+            .await
+            .is_err()
+    );
     assert_eq!(s.backend.last_event_id(a).await.unwrap(), Some(p2.event_id));
-    assert_eq!(s.backend.last_event_id(RestaurantId(Uuid::new_v4())).await.unwrap(), None);
+    assert_eq!(
+        s.backend
+            .last_event_id(RestaurantId(Uuid::new_v4()))
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 async fn duplicates_answer_the_first_id_and_reach_nobody(mut s: Subject) {
@@ -124,10 +142,19 @@ async fn duplicates_answer_the_first_id_and_reach_nobody(mut s: Subject) {
         updated_at_micros: v.updated_at_micros + 1,
         ..v
     };
-    assert!(!s.backend.publish(req(a, 2, Some(newer))).await.unwrap().duplicate);
+    assert!(
+        !s.backend
+            .publish(req(a, 2, Some(newer)))
+            .await
+            .unwrap()
+            .duplicate
+    );
     received(&mut s).await;
     let (_, second) = received(&mut s).await;
-    assert!(second.contains(r#""n":2"#), "the duplicate was not broadcast");
+    assert!(
+        second.contains(r#""n":2"#),
+        "the duplicate was not broadcast"
+    );
 }
 
 async fn history_replays_and_knows_its_limits(s: Subject) {
@@ -145,7 +172,10 @@ async fn history_replays_and_knows_its_limits(s: Subject) {
         }
         History::Gone => panic!("ids[2] is resumable"),
     }
-    assert_eq!(s.backend.history_after(a, ids[1]).await.unwrap(), History::Gone);
+    assert_eq!(
+        s.backend.history_after(a, ids[1]).await.unwrap(),
+        History::Gone
+    );
     assert_eq!(
         s.backend.history_after(a, ids[7]).await.unwrap(),
         History::Events(vec![])
@@ -154,19 +184,36 @@ async fn history_replays_and_knows_its_limits(s: Subject) {
         seq: ids[7].seq + 10,
         ..ids[7]
     };
-    assert_eq!(s.backend.history_after(a, future).await.unwrap(), History::Gone);
+    assert_eq!(
+        s.backend.history_after(a, future).await.unwrap(),
+        History::Gone
+    );
     let other_epoch = EventId {
         epoch: ids[7].epoch - 1,
         ..ids[7]
     };
-    assert_eq!(s.backend.history_after(a, other_epoch).await.unwrap(), History::Gone);
+    assert_eq!(
+        s.backend.history_after(a, other_epoch).await.unwrap(),
+        History::Gone
+    );
 }
 
 async fn fencing_refuses_stale_leases(s: Subject) {
     let ttl = Duration::from_millis(400);
     let a = RestaurantId(Uuid::new_v4());
-    let first = s.backend.try_acquire_leader("one", ttl).await.unwrap().expect("free lock");
-    assert!(s.backend.try_acquire_leader("two", ttl).await.unwrap().is_none());
+    let first = s
+        .backend
+        .try_acquire_leader("one", ttl)
+        .await
+        .unwrap()
+        .expect("free lock");
+    assert!(
+        s.backend
+            .try_acquire_leader("two", ttl)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(s.backend.leader().await.unwrap().as_deref(), Some("one"));
     assert!(s.backend.renew_leader(&first, ttl).await.unwrap());
     let mut fenced = req(a, 1, None);
@@ -174,7 +221,12 @@ async fn fencing_refuses_stale_leases(s: Subject) {
     s.backend.publish(fenced.clone()).await.unwrap();
     // "one" pauses past its TTL; "two" takes over.
     tokio::time::sleep(ttl + Duration::from_millis(200)).await;
-    let second = s.backend.try_acquire_leader("two", ttl).await.unwrap().expect("expired lock");
+    let second = s
+        .backend
+        .try_acquire_leader("two", ttl)
+        .await
+        .unwrap()
+        .expect("expired lock");
     assert!(matches!(
         s.backend.publish(fenced).await,
         Err(BrokerError::Fenced)
@@ -191,7 +243,11 @@ async fn fencing_refuses_stale_leases(s: Subject) {
     ));
     s.backend.save_poller_state(&second, &delta).await.unwrap();
     assert_eq!(
-        s.backend.load_poller_state(&[]).await.unwrap().cursor_micros,
+        s.backend
+            .load_poller_state(&[])
+            .await
+            .unwrap()
+            .cursor_micros,
         Some(1)
     );
     // Releasing with the stale lease does nothing; with the current one frees it.
@@ -214,8 +270,14 @@ async fn presence_counts_and_expires(s: Subject) {
     let short = Duration::from_millis(300);
     let c1 = rec("i1");
     let c2 = rec("i2");
-    s.backend.heartbeat("i1", std::slice::from_ref(&c1), long).await.unwrap();
-    s.backend.heartbeat("i2", std::slice::from_ref(&c2), short).await.unwrap();
+    s.backend
+        .heartbeat("i1", std::slice::from_ref(&c1), long)
+        .await
+        .unwrap();
+    s.backend
+        .heartbeat("i2", std::slice::from_ref(&c2), short)
+        .await
+        .unwrap();
     assert_eq!(s.backend.connections(a).await.unwrap().len(), 2);
     assert_eq!(s.backend.live_instances().await.unwrap(), 2);
     assert_eq!(s.backend.active_restaurants().await.unwrap(), vec![a]);

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::{SinkExt, StreamExt};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use orders_gateway::app::App;
 use orders_gateway::config::Config;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -210,7 +210,12 @@ impl Drop for TestDb {
 }
 
 /// Insert an order with `items` items; returns its id.
-pub async fn insert_order(pool: &sqlx::PgPool, restaurant: Uuid, status: &str, items: usize) -> Uuid {
+pub async fn insert_order(
+    pool: &sqlx::PgPool,
+    restaurant: Uuid,
+    status: &str,
+    items: usize,
+) -> Uuid {
     let id = Uuid::new_v4();
     let mut tx = pool.begin().await.unwrap();
     insert_order_in(&mut tx, id, restaurant, status, items).await;
@@ -325,6 +330,8 @@ pub fn binary() -> PathBuf {
 
 impl GatewayProcess {
     pub async fn start(env: &[(&str, String)]) -> GatewayProcess {
+        // The health check below uses reqwest, which needs the crypto provider.
+        init();
         let port = free_port();
         let instance_id = format!("proc-{}", &Uuid::new_v4().simple().to_string()[..8]);
         let mut cmd = Command::new(binary());
@@ -439,24 +446,27 @@ impl Ws {
                 v.parse().unwrap(),
             );
         }
-        let (stream, _) = tokio_tungstenite::connect_async(req).await.expect("upgrade succeeds");
+        let (stream, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("upgrade succeeds");
         Ws { stream }
     }
 
     pub async fn next(&mut self, limit: Duration) -> Next {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
-            match tokio::time::timeout(limit, self.stream.next()).await {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
                 Err(_) => return Next::Timeout,
                 Ok(None) => return Next::Ended,
                 Ok(Some(Err(_))) => return Next::Ended,
                 Ok(Some(Ok(Message::Text(t)))) => {
-                    return Next::Json(serde_json::from_str(t.as_str()).expect("server sends JSON"))
+                    return Next::Json(serde_json::from_str(t.as_str()).expect("server sends JSON"));
                 }
                 Ok(Some(Ok(Message::Close(f)))) => {
                     return match f {
                         Some(f) => Next::Close(f.code.into(), f.reason.to_string()),
                         None => Next::Close(1005, String::new()),
-                    }
+                    };
                 }
                 Ok(Some(Ok(_))) => continue,
             }
@@ -505,7 +515,10 @@ impl Ws {
         self.stream.send(Message::Text(text.into())).await.unwrap();
     }
 
-    pub async fn send_raw(&mut self, m: Message) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    pub async fn send_raw(
+        &mut self,
+        m: Message,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
         self.stream.send(m).await
     }
 }
@@ -544,7 +557,12 @@ pub async fn post_event(base: &str, body: &Value) -> (u16, Value) {
 }
 
 pub async fn get_json(url: &str, token: &str) -> (u16, Value) {
-    let resp = reqwest::Client::new().get(url).bearer_auth(token).send().await.unwrap();
+    let resp = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
@@ -560,7 +578,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "condition not met within {limit:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -28,8 +28,8 @@ afterEach(async () => {
   while (cleanups.length) await cleanups.pop()();
 });
 
-async function browser() {
-  const b = await openBrowser();
+async function browser(opts) {
+  const b = await openBrowser(opts);
   cleanups.push(() => b.close());
   return b;
 }
@@ -122,7 +122,10 @@ describe('live board', () => {
         }
       }
 
-      const { page, errors, screenshot } = await browser();
+      // A page fulfilled by page.route() counts as non-local for chromium's
+      // local network access checks, which would then block ws://127.0.0.1.
+      const { page, errors, screenshot } = await browser(
+        BOARD_FROM_REPO ? { extraArgs: ['--disable-features=LocalNetworkAccessChecks'] } : {});
       if (BOARD_FROM_REPO) {
         // Working-tree board files against an older binary (development only).
         for (const [p, , file] of served) {

@@ -303,7 +303,7 @@ describe('OrdersLive against a fake server', () => {
   });
 
   test('a socket that stops answering pings is abandoned and replaced', async () => {
-    const { server, client, statuses } = await setup({ pingIntervalMs: 50, pongTimeoutMs: 50 });
+    const { server, client, statuses } = await setup({ pingIntervalMs: 50, pongTimeoutMs: 250 });
     client.start();
     const conn = await server.nextConnection();
     conn.establish();
@@ -314,7 +314,7 @@ describe('OrdersLive against a fake server', () => {
     // A server that answers keeps the socket.
     second.ws.on('message', () => second.send({ type: 'pong', timestamp: new Date().toISOString() }));
     second.establish();
-    await sleep(300);
+    await sleep(700);
     assert.equal(server.connections.length, 2);
     assert.equal(client.state, 'live');
   });

@@ -18,7 +18,7 @@ export function chromiumUnavailable() {
 }
 
 /** Launches chromium with a fresh profile; returns { context, page, errors, close }. */
-export async function openBrowser() {
+export async function openBrowser({ extraArgs = [] } = {}) {
   const userDataDir = mkdtempSync(path.join(tmpdir(), 'orders-board-chromium-'));
   const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: CHROMIUM,
@@ -26,6 +26,7 @@ export async function openBrowser() {
     args: [
       '--no-sandbox', '--headless', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      ...extraArgs,
     ],
     viewport: { width: 1400, height: 900 },
   });

@@ -1,0 +1,973 @@
+//! Change capture end to end: real PostgreSQL, real Redis, several gateway
+//! replicas (in-process, or real processes where signals matter) and
+//! dashboards on each. Every test has its own redis-server and database.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use orders_gateway::broker::redis::RedisBroker;
+use orders_gateway::broker::{Backend, BrokerError, Lease, PollerStateDelta, PublishRequest};
+use orders_gateway::config::{Config, HistoryLimits};
+use orders_gateway::domain::RestaurantId;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::support::{
+    Gateway, GatewayProcess, Next, PUBLISH_KEY, Redis, TestDb, Ws, config, eventually,
+    insert_order, insert_order_in, order_json, post_event, token,
+};
+
+const INTERVAL: Duration = Duration::from_millis(200);
+/// Commit → dashboard must stay within one interval plus this (a tick, a
+/// publish, a fan-out; generous because the suite runs tests in parallel).
+const MARGIN: Duration = Duration::from_millis(1000);
+/// "Nothing more": several poll intervals of silence.
+const QUIET: Duration = Duration::from_millis(1000);
+
+fn cfg(redis: &Redis, db: &TestDb) -> Config {
+    let mut c = config();
+    c.redis_url = Some(redis.url());
+    c.database_url = Some(db.url.clone());
+    c.poll_interval_ms = INTERVAL.as_millis() as u64;
+    c
+}
+
+fn process_env(redis: &Redis, db: &TestDb, ttl_ms: u64) -> Vec<(&'static str, String)> {
+    vec![
+        ("REDIS_URL", redis.url()),
+        ("DATABASE_URL", db.url.clone()),
+        ("POLL_INTERVAL_MS", INTERVAL.as_millis().to_string()),
+        ("LEADER_TTL_MS", ttl_ms.to_string()),
+        ("PRESENCE_TTL_MS", "2000".into()),
+    ]
+}
+
+/// A dashboard past its greeting and snapshot; returns the snapshot.
+async fn board(ws_url: String) -> (Ws, Value) {
+    let mut ws = Ws::connect(&ws_url).await;
+    let hello = ws.json().await;
+    assert_eq!(hello["type"], "connection_established", "{hello}");
+    let snapshot = ws.json().await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    (ws, snapshot)
+}
+
+/// The next frame within `limit`, or panic.
+async fn next_event(ws: &mut Ws, limit: Duration) -> Value {
+    match ws.next(limit).await {
+        Next::Json(v) => v,
+        other => panic!("expected an event within {limit:?}, got {other:?}"),
+    }
+}
+
+/// Read frames until `done` holds for what was read, or panic at `limit`.
+async fn read_until(
+    ws: &mut Ws,
+    limit: Duration,
+    mut done: impl FnMut(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + limit;
+    let mut out = Vec::new();
+    while !done(&out) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match ws.next(left).await {
+            Next::Json(v) => out.push(v),
+            other => panic!("after {} frames: {other:?} (limit {limit:?})", out.len()),
+        }
+    }
+    out
+}
+
+fn order_id(ev: &Value) -> Uuid {
+    ev["order"]["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("event carries an order id")
+}
+
+/// Orders created, each once: `ids` all arrived as `order_created`, and no
+/// order (of those or any other) arrived twice.
+fn assert_created_once(events: &[Value], ids: &HashSet<Uuid>) {
+    let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    for ev in events {
+        assert_eq!(ev["type"], "order_created", "{ev}");
+        *seen.entry(order_id(ev)).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    let missing: Vec<_> = ids.iter().filter(|id| !seen.contains_key(id)).collect();
+    assert!(missing.is_empty(), "never delivered: {missing:?}");
+    let foreign: Vec<_> = seen.keys().filter(|id| !ids.contains(id)).collect();
+    assert!(foreign.is_empty(), "unexpected orders: {foreign:?}");
+}
+
+async fn redis_get(redis: &Redis, key: &str) -> Option<String> {
+    redis::from_redis_value(redis.cmd(&["GET", key]).await.unwrap()).unwrap()
+}
+
+async fn redis_keys(redis: &Redis, pattern: &str) -> Vec<String> {
+    redis::from_redis_value(redis.cmd(&["KEYS", pattern]).await.unwrap()).unwrap()
+}
+
+/// The instance holding the poller lock (`<epoch>:<instance_id>:<nonce>`).
+async fn leader(redis: &Redis) -> Option<(u64, String)> {
+    let token = redis_get(redis, "og:leader").await?;
+    let epoch = token.split(':').next()?.parse().ok()?;
+    Some((epoch, Lease::holder_of(&token)?))
+}
+
+/// Until the poller has started watching `r` (it saved the restaurant's state).
+async fn watched(redis: &Redis, r: Uuid) {
+    let key = format!("og:poll:known:{r}");
+    eventually(Duration::from_secs(10), || async {
+        let v = redis.cmd(&["HEXISTS", &key, "_watched"]).await.ok()?;
+        (redis::from_redis_value::<i64>(v).ok()? == 1).then_some(())
+    })
+    .await
+}
+
+/// Insert `n` orders of `restaurant`, with two items each, in one statement.
+async fn insert_bulk(conn: &mut sqlx::PgConnection, restaurant: Uuid, n: i32) {
+    sqlx::query(
+        "WITH o AS (
+           INSERT INTO orders (id, order_number, restaurant_id, table_number, customer_name,
+                               customer_phone, order_status, payment_status, payment_method,
+                               total_price, estimated_time)
+           SELECT gen_random_uuid(), 'BULK-' || g, $1, g % 40, 'Guest', '+100', 'pending',
+                  'pending', 'card', 25.50, 15
+           FROM generate_series(1, $2) g
+           RETURNING id)
+         INSERT INTO order_items (id, order_id, menu_item_id, quantity, unit_price)
+         SELECT gen_random_uuid(), o.id, gen_random_uuid(), k, 12.75 FROM o, generate_series(1, 2) k",
+    )
+    .bind(restaurant)
+    .bind(n)
+    .execute(conn)
+    .await
+    .unwrap();
+}
+
+// ---------------------------------------------------------------- classification
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_order_reaches_every_dashboard_on_every_replica_once() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let a = Gateway::start(cfg(&redis, &db)).await;
+    let b = Gateway::start(cfg(&redis, &db)).await;
+    let r = Uuid::new_v4();
+    let q = format!("token={}", token(r));
+    let mut boards = Vec::new();
+    for gw in [&a, &a, &b, &b] {
+        boards.push(board(gw.ws_url(&q)).await.0);
+    }
+    watched(&redis, r).await;
+    let pool = db.pool().await;
+    let committed = Instant::now();
+    let id = insert_order(&pool, r, "pending", 2).await;
+    let mut event_ids = HashSet::new();
+    for ws in &mut boards {
+        let ev = next_event(ws, INTERVAL + MARGIN).await;
+        assert!(
+            committed.elapsed() <= INTERVAL + MARGIN,
+            "delivered {:?} after the commit",
+            committed.elapsed()
+        );
+        assert_eq!(ev["type"], "order_created", "{ev}");
+        assert!(ev.get("previous_status").is_none(), "{ev}");
+        assert!(ev["timestamp"].is_string());
+        let order = &ev["order"];
+        assert_eq!(order["id"], id.to_string());
+        assert_eq!(order["restaurant_id"], r.to_string());
+        assert_eq!(order["order_status"], "pending");
+        assert_eq!(order["total_price"], json!(25.5), "a JSON number");
+        let items = order["items"].as_array().expect("items");
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0]["quantity"], 2);
+        assert_eq!(items[0]["unit_price"], json!(12.75));
+        event_ids.insert(ev["event_id"].as_str().expect("numbered").to_string());
+    }
+    assert_eq!(event_ids.len(), 1, "one event, fanned out: {event_ids:?}");
+    for ws in &mut boards {
+        ws.silent_for(QUIET).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_change_and_a_payment_update_are_one_event_each() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let a = Gateway::start(cfg(&redis, &db)).await;
+    let b = Gateway::start(cfg(&redis, &db)).await;
+    let r = Uuid::new_v4();
+    let q = format!("token={}", token(r));
+    let (mut on_a, _) = board(a.ws_url(&q)).await;
+    let (mut on_b, _) = board(b.ws_url(&q)).await;
+    let pool = db.pool().await;
+    let id = insert_order(&pool, r, "pending", 1).await;
+    for ws in [&mut on_a, &mut on_b] {
+        assert_eq!(
+            next_event(ws, INTERVAL + MARGIN).await["type"],
+            "order_created"
+        );
+    }
+
+    sqlx::query("UPDATE orders SET order_status = 'confirmed' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    for ws in [&mut on_a, &mut on_b] {
+        let ev = next_event(ws, INTERVAL + MARGIN).await;
+        assert_eq!(ev["type"], "order_status_changed", "{ev}");
+        assert_eq!(ev["previous_status"], "pending");
+        assert_eq!(ev["order"]["order_status"], "confirmed");
+        assert_eq!(ev["order"]["items"].as_array().unwrap().len(), 1);
+        ws.silent_for(QUIET).await;
+    }
+
+    sqlx::query("UPDATE orders SET payment_status = 'paid' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    for ws in [&mut on_a, &mut on_b] {
+        let ev = next_event(ws, INTERVAL + MARGIN).await;
+        assert_eq!(ev["type"], "order_updated", "{ev}");
+        assert!(ev.get("previous_status").is_none(), "{ev}");
+        assert_eq!(ev["order"]["payment_status"], "paid");
+        assert_eq!(ev["order"]["order_status"], "confirmed");
+        ws.silent_for(QUIET).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inactive_restaurant_is_neither_polled_nor_delivered() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let a = Gateway::start(cfg(&redis, &db)).await;
+    let b = Gateway::start(cfg(&redis, &db)).await;
+    let watched_r = Uuid::new_v4();
+    let idle = Uuid::new_v4();
+    let q = format!("token={}", token(watched_r));
+    let (mut on_a, _) = board(a.ws_url(&q)).await;
+    let (mut on_b, _) = board(b.ws_url(&q)).await;
+    watched(&redis, watched_r).await;
+    let pool = db.pool().await;
+    let idle_order = insert_order(&pool, idle, "pending", 1).await;
+    let seen = insert_order(&pool, watched_r, "pending", 1).await;
+    sqlx::query("UPDATE orders SET order_status = 'preparing' WHERE id = $1")
+        .bind(idle_order)
+        .execute(&pool)
+        .await
+        .unwrap();
+    for ws in [&mut on_a, &mut on_b] {
+        let ev = next_event(ws, INTERVAL + MARGIN).await;
+        assert_eq!(order_id(&ev), seen);
+        ws.silent_for(QUIET).await;
+    }
+    // Nothing about the idle restaurant was published or remembered.
+    assert!(
+        redis_keys(&redis, &format!("og:dedup:{idle}:*"))
+            .await
+            .is_empty()
+    );
+    assert!(redis_keys(&redis, &format!("og:*{idle}*")).await.is_empty());
+    assert_eq!(
+        redis_keys(&redis, &format!("og:dedup:{watched_r}:*"))
+            .await
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_existed_before_the_dashboard_are_not_replayed() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let gw = Gateway::start(cfg(&redis, &db)).await;
+    let r = Uuid::new_v4();
+    let pool = db.pool().await;
+    // Old rows (long before the poller's window) and a fresh one (inside
+    // it: the poller reports it, the dashboard's snapshot already shows it).
+    let old = insert_order(&pool, r, "pending", 1).await;
+    let closed = insert_order(&pool, r, "completed", 1).await;
+    sqlx::raw_sql(
+        "BEGIN; SET LOCAL session_replication_role = replica; \
+         UPDATE orders SET created_at = now() - interval '1 hour', updated_at = now() - interval '1 hour'; \
+         COMMIT",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let fresh = insert_order(&pool, r, "confirmed", 2).await;
+
+    let (mut ws, snapshot) = board(gw.ws_url(&format!("token={}", token(r)))).await;
+    let in_snapshot: HashSet<Uuid> = snapshot["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(in_snapshot, HashSet::from([old, fresh]), "open orders only");
+    watched(&redis, r).await;
+    ws.silent_for(QUIET).await;
+    assert!(
+        redis_get(&redis, &format!("og:dedup:{r}:{old}@*"))
+            .await
+            .is_none(),
+        "an old row is not published"
+    );
+
+    // Later changes to them are compared with what existed.
+    for (id, status) in [(old, "preparing"), (fresh, "ready")] {
+        sqlx::query("UPDATE orders SET order_status = $2 WHERE id = $1")
+            .bind(id)
+            .bind(status)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let events = read_until(&mut ws, INTERVAL + MARGIN * 2, |e| e.len() == 2).await;
+    let by_id: HashMap<Uuid, &Value> = events.iter().map(|e| (order_id(e), e)).collect();
+    assert_eq!(by_id[&old]["type"], "order_status_changed");
+    assert_eq!(by_id[&old]["previous_status"], "pending");
+    assert_eq!(by_id[&fresh]["type"], "order_status_changed");
+    assert_eq!(by_id[&fresh]["previous_status"], "confirmed");
+    // A closed order touched again is news, though never seen before.
+    sqlx::query("UPDATE orders SET payment_status = 'refunded' WHERE id = $1")
+        .bind(closed)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(
+        (ev["type"].as_str(), order_id(&ev)),
+        (Some("order_updated"), closed)
+    );
+    ws.silent_for(QUIET).await;
+}
+
+// ---------------------------------------------------------------- no missed commits
+
+/// A transaction that stamps its rows at its start but commits seconds later,
+/// after many polls (and far outside the re-read overlap), is still seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_commit_is_delivered_exactly_once() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let mut c = cfg(&redis, &db);
+    c.poll_overlap_ms = 0; // only the open-transaction horizon protects it
+    let gw = Gateway::start(c).await;
+    let r = Uuid::new_v4();
+    let (mut ws, _) = board(gw.ws_url(&format!("token={}", token(r)))).await;
+    let pool = db.pool().await;
+    let existing = insert_order(&pool, r, "pending", 1).await;
+    assert_eq!(
+        order_id(&next_event(&mut ws, INTERVAL + MARGIN).await),
+        existing
+    );
+
+    let mut slow = pool.begin().await.unwrap();
+    let started: (chrono::DateTime<chrono::Utc>,) = sqlx::query_as("SELECT now()")
+        .fetch_one(&mut *slow)
+        .await
+        .unwrap();
+    let delayed = Uuid::new_v4();
+    insert_order_in(&mut slow, delayed, r, "pending", 2).await;
+    sqlx::query("UPDATE orders SET order_status = 'preparing' WHERE id = $1")
+        .bind(existing)
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+    // Meanwhile other orders commit and are delivered: the poller moves on.
+    let mut others = Vec::new();
+    let hold = Instant::now();
+    while hold.elapsed() < INTERVAL * 7 {
+        let id = insert_order(&pool, r, "pending", 0).await;
+        let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
+        assert_eq!(
+            (ev["type"].as_str(), order_id(&ev)),
+            (Some("order_created"), id)
+        );
+        others.push(id);
+    }
+    assert!(others.len() >= 3);
+    slow.commit().await.unwrap();
+
+    let events = read_until(&mut ws, INTERVAL + MARGIN, |e| e.len() == 2).await;
+    let by_id: HashMap<Uuid, &Value> = events.iter().map(|e| (order_id(e), e)).collect();
+    let d = by_id.get(&delayed).expect("the delayed insert arrives");
+    assert_eq!(d["type"], "order_created");
+    assert_eq!(d["order"]["items"].as_array().unwrap().len(), 2);
+    let stamped: chrono::DateTime<chrono::Utc> =
+        d["order"]["updated_at"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        stamped, started.0,
+        "stamped at its transaction's start, seconds ago"
+    );
+    let e = by_id.get(&existing).expect("the delayed update arrives");
+    assert_eq!(e["type"], "order_status_changed");
+    assert_eq!(e["previous_status"], "pending");
+    ws.silent_for(QUIET).await;
+}
+
+/// A transaction that began before another one but writes the same order
+/// after that one committed. With `now()` alone its row would carry the older
+/// timestamp; the migrations' trigger keeps `updated_at` moving forward.
+/// Returns (the first change's event, the later change's event).
+async fn older_transaction_writes_last(db: &TestDb, redis: &Redis) -> (Value, Value) {
+    let gw = Gateway::start(cfg(redis, db)).await;
+    let r = Uuid::new_v4();
+    let (mut ws, _) = board(gw.ws_url(&format!("token={}", token(r)))).await;
+    let pool = db.pool().await;
+    let id = insert_order(&pool, r, "pending", 1).await;
+    assert_eq!(
+        next_event(&mut ws, INTERVAL + MARGIN).await["type"],
+        "order_created"
+    );
+
+    let mut early = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1").execute(&mut *early).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    sqlx::query("UPDATE orders SET order_status = 'confirmed' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let confirmed = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(confirmed["type"], "order_status_changed");
+
+    sqlx::query("UPDATE orders SET payment_status = 'paid' WHERE id = $1")
+        .bind(id)
+        .execute(&mut *early)
+        .await
+        .unwrap();
+    early.commit().await.unwrap();
+    let paid = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(paid["type"], "order_updated", "{paid}");
+    assert_eq!(paid["order"]["payment_status"], "paid");
+    assert_eq!(paid["order"]["order_status"], "confirmed");
+    ws.silent_for(QUIET).await;
+    (confirmed, paid)
+}
+
+fn updated_at(ev: &Value) -> chrono::DateTime<chrono::Utc> {
+    ev["order"]["updated_at"].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_write_by_an_older_transaction_is_delivered_as_newer() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let (confirmed, paid) = older_transaction_writes_last(&db, &redis).await;
+    assert!(
+        updated_at(&paid) > updated_at(&confirmed),
+        "versions move forward"
+    );
+}
+
+/// The same against a schema whose trigger stamps plain `now()` (as the
+/// platform's may): the poller still reports the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_write_stamped_earlier_by_a_foreign_trigger_is_delivered() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    sqlx::raw_sql(
+        "CREATE OR REPLACE FUNCTION orders_touch_updated_at() RETURNS trigger AS $$ \
+         BEGIN NEW.updated_at := now(); RETURN NEW; END; $$ LANGUAGE plpgsql",
+    )
+    .execute(&db.pool().await)
+    .await
+    .unwrap();
+    let (confirmed, paid) = older_transaction_writes_last(&db, &redis).await;
+    assert!(
+        updated_at(&paid) < updated_at(&confirmed),
+        "the newer state carries the older stamp"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_orders_in_one_transaction_all_arrive_once() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let gw = Gateway::start(cfg(&redis, &db)).await;
+    let r = Uuid::new_v4();
+    let (mut ws, _) = board(gw.ws_url(&format!("token={}", token(r)))).await;
+    watched(&redis, r).await;
+    let pool = db.pool().await;
+    let mut conn = pool.acquire().await.unwrap();
+    insert_bulk(&mut conn, r, 10_000).await;
+    let ids: HashSet<Uuid> = sqlx::query_scalar("SELECT id FROM orders WHERE restaurant_id = $1")
+        .bind(r)
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(ids.len(), 10_000);
+    let started = Instant::now();
+    let events = read_until(&mut ws, Duration::from_secs(60), |e| e.len() == ids.len()).await;
+    eprintln!(
+        "10,000 orders of one tick delivered in {:?}",
+        started.elapsed()
+    );
+    assert_created_once(&events, &ids);
+    assert!(
+        events
+            .iter()
+            .all(|e| e["order"]["items"].as_array().unwrap().len() == 2)
+    );
+    let mut event_ids: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap())
+        .collect();
+    event_ids.sort_unstable();
+    event_ids.dedup();
+    assert_eq!(event_ids.len(), 10_000);
+    ws.silent_for(QUIET).await;
+}
+
+// ---------------------------------------------------------------- leadership
+
+/// The leader dies mid-stream: after takeover every order has reached the
+/// dashboards of the surviving replicas, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_loses_and_repeats_nothing() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let env = process_env(&redis, &db, 1000);
+    let mut procs = Vec::new();
+    for _ in 0..3 {
+        procs.push(GatewayProcess::start(&env).await);
+    }
+    let r = Uuid::new_v4();
+    let q = format!("token={}", token(r));
+    let mut boards = Vec::new();
+    for p in &procs {
+        boards.push(board(p.ws_url(&q)).await.0);
+    }
+    let (epoch, holder) = eventually(Duration::from_secs(5), || leader(&redis)).await;
+    let victim = procs
+        .iter()
+        .position(|p| p.instance_id == holder)
+        .expect("a replica leads");
+    watched(&redis, r).await;
+
+    let pool = db.pool().await;
+    let inserter = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut ids = HashSet::new();
+            for _ in 0..60 {
+                ids.insert(insert_order(&pool, r, "pending", 1).await);
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            ids
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    procs[victim].signal("KILL");
+    let killed = Instant::now();
+    let (new_epoch, new_holder) = eventually(Duration::from_secs(5), || async {
+        leader(&redis).await.filter(|(_, h)| *h != holder)
+    })
+    .await;
+    eprintln!("new leader {new_holder} after {:?}", killed.elapsed());
+    assert!(new_epoch > epoch, "a takeover takes a new fencing epoch");
+    assert!(killed.elapsed() < Duration::from_millis(1000) + INTERVAL * 3);
+    let ids = inserter.await.unwrap();
+
+    for (i, ws) in boards.iter_mut().enumerate() {
+        if i == victim {
+            continue;
+        }
+        let events = read_until(ws, Duration::from_secs(10), |e| {
+            e.iter().map(order_id).collect::<HashSet<_>>().len() == ids.len()
+        })
+        .await;
+        ws.silent_for(QUIET).await;
+        assert_created_once(&events, &ids);
+    }
+}
+
+/// The leader is frozen past its TTL (SIGSTOP), another replica takes over,
+/// then the old one wakes up mid-tick: its stale lease is refused, nothing
+/// reaches dashboards twice or out of date, and it does not lead again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_cannot_publish_after_waking() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let env = process_env(&redis, &db, 1000);
+    let mut procs = Vec::new();
+    for _ in 0..2 {
+        procs.push(GatewayProcess::start(&env).await);
+    }
+    let r = Uuid::new_v4();
+    let q = format!("token={}", token(r));
+    let mut boards = Vec::new();
+    for p in &procs {
+        boards.push(board(p.ws_url(&q)).await.0);
+    }
+    let (_, holder) = eventually(Duration::from_secs(5), || leader(&redis)).await;
+    let paused = procs.iter().position(|p| p.instance_id == holder).unwrap();
+    let pool = db.pool().await;
+    let first = insert_order(&pool, r, "pending", 1).await;
+    for ws in &mut boards {
+        assert_eq!(order_id(&next_event(ws, INTERVAL + MARGIN).await), first);
+    }
+
+    procs[paused].signal("STOP");
+    let second = insert_order(&pool, r, "pending", 1).await;
+    sqlx::query("UPDATE orders SET order_status = 'preparing' WHERE id = $1")
+        .bind(first)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_, successor) = eventually(Duration::from_secs(5), || async {
+        leader(&redis).await.filter(|(_, h)| *h != holder)
+    })
+    .await;
+    // Changes keep coming while the old leader is frozen and after it wakes.
+    let third = insert_order(&pool, r, "pending", 1).await;
+    tokio::time::sleep(INTERVAL * 2).await;
+    procs[paused].signal("CONT");
+    sqlx::query("UPDATE orders SET order_status = 'ready' WHERE id = $1")
+        .bind(first)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let fourth = insert_order(&pool, r, "pending", 1).await;
+
+    for ws in &mut boards {
+        let events = read_until(ws, Duration::from_secs(10), |e| e.len() >= 5).await;
+        ws.silent_for(QUIET).await;
+        let created: Vec<Uuid> = events
+            .iter()
+            .filter(|e| e["type"] == "order_created")
+            .map(order_id)
+            .collect();
+        assert_eq!(
+            created.iter().collect::<HashSet<_>>(),
+            HashSet::from([&second, &third, &fourth])
+        );
+        assert_eq!(created.len(), 3, "{events:?}");
+        let changes: Vec<(&str, &str)> = events
+            .iter()
+            .filter(|e| e["type"] == "order_status_changed")
+            .map(|e| {
+                (
+                    e["previous_status"].as_str().unwrap(),
+                    e["order"]["order_status"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            changes,
+            vec![("pending", "preparing"), ("preparing", "ready")]
+        );
+        let ids: Vec<&str> = events
+            .iter()
+            .map(|e| e["event_id"].as_str().unwrap())
+            .collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "event ids increase: {ids:?}"
+        );
+    }
+    assert_eq!(
+        leader(&redis).await.unwrap().1,
+        successor,
+        "the woken replica does not lead"
+    );
+}
+
+/// What the woken leader's publish looks like to Redis, through the same
+/// backend the poller uses and as a raw FCALL.
+#[tokio::test]
+async fn a_stale_lease_is_fenced_at_publish_and_save() {
+    let redis = Redis::start().await;
+    let stop = CancellationToken::new();
+    let limits = HistoryLimits {
+        max_events: 100,
+        max_age: Duration::from_secs(60),
+    };
+    let (tx, _rx) = mpsc::channel(16);
+    let backend: std::sync::Arc<dyn Backend> = std::sync::Arc::new(
+        RedisBroker::start(&redis.url(), tx, limits, stop.clone())
+            .await
+            .unwrap(),
+    );
+    let ttl = Duration::from_millis(300);
+    let old = backend
+        .try_acquire_leader("old", ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    eventually(Duration::from_secs(3), || async {
+        leader(&redis).await.is_none().then_some(())
+    })
+    .await;
+    let new = backend
+        .try_acquire_leader("new", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let r = RestaurantId(Uuid::new_v4());
+    let order = order_json(r.0, Uuid::new_v4(), "pending");
+    let body = json!({"type": "order_created", "order": order}).to_string();
+    let version = format!("{}@1700000000000000", order["id"].as_str().unwrap());
+    let publish = |fence: &Lease| PublishRequest {
+        restaurant: r,
+        version: None,
+        body: body.clone(),
+        fence: Some(fence.token.clone()),
+    };
+    assert!(matches!(
+        backend.publish(publish(&old)).await,
+        Err(BrokerError::Fenced)
+    ));
+    let delta = PollerStateDelta {
+        cursor_micros: 1,
+        last_poll_ms: 1,
+        changes: vec![(r, vec![("x".into(), Some("y".into()))])],
+        forget: vec![],
+    };
+    assert!(matches!(
+        backend.save_poller_state(&old, &delta).await,
+        Err(BrokerError::Fenced)
+    ));
+    let mut conn = redis.client().await;
+    let raw: redis::RedisResult<redis::Value> = redis::cmd("FCALL")
+        .arg("og_publish")
+        .arg(0)
+        .arg(r.to_string())
+        .arg(&version)
+        .arg(&body)
+        .arg(&old.token)
+        .query_async(&mut conn)
+        .await;
+    let err = raw.expect_err("a stale lease is refused");
+    assert_eq!(err.code(), Some("FENCED"), "{err}");
+    // The refused calls left nothing behind.
+    assert!(redis_keys(&redis, &format!("og:*{r}*")).await.is_empty());
+    assert!(redis_get(&redis, "og:poll:cursor").await.is_none());
+
+    // The current lease works.
+    assert!(!backend.publish(publish(&new)).await.unwrap().duplicate);
+    backend.save_poller_state(&new, &delta).await.unwrap();
+    stop.cancel();
+}
+
+/// A leader shut down with SIGTERM releases the lock: another replica leads
+/// within about one retry interval, long before the TTL would expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_shut_down_hands_over_at_once() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let ttl = Duration::from_millis(5000);
+    let env = process_env(&redis, &db, ttl.as_millis() as u64);
+    let mut procs = Vec::new();
+    for _ in 0..2 {
+        procs.push(GatewayProcess::start(&env).await);
+    }
+    let r = Uuid::new_v4();
+    let q = format!("token={}", token(r));
+    let mut boards = Vec::new();
+    for p in &procs {
+        boards.push(board(p.ws_url(&q)).await.0);
+    }
+    let (epoch, holder) = eventually(Duration::from_secs(5), || leader(&redis)).await;
+    let leaving = procs.iter().position(|p| p.instance_id == holder).unwrap();
+    let staying = 1 - leaving;
+    procs[leaving].signal("TERM");
+    let sent = Instant::now();
+    let (new_epoch, successor) = eventually(Duration::from_secs(5), || async {
+        leader(&redis).await.filter(|(_, h)| *h != holder)
+    })
+    .await;
+    let took = sent.elapsed();
+    eprintln!("handover after SIGTERM: {took:?}");
+    assert_eq!(successor, procs[staying].instance_id);
+    assert!(new_epoch > epoch);
+    // The renewal period is TTL/3 and followers retry every poll interval:
+    // a released lock is taken within about one of those, never by expiry.
+    assert!(took < ttl / 3, "took {took:?}");
+    assert_eq!(procs[leaving].wait(Duration::from_secs(10)).await, Some(0));
+    assert_eq!(boards[leaving].close_code().await, 1001);
+    // The new leader works.
+    let pool = db.pool().await;
+    let id = insert_order(&pool, r, "pending", 1).await;
+    let ev = next_event(&mut boards[staying], INTERVAL + MARGIN).await;
+    assert_eq!(
+        (ev["type"].as_str(), order_id(&ev)),
+        (Some("order_created"), id)
+    );
+}
+
+// ---------------------------------------------------------------- publish endpoint
+
+async fn post_raw(base: &str, auth: Option<&str>, content_type: &str, body: &str) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{base}/api/orders/events"))
+        .header("content-type", content_type)
+        .body(body.to_string());
+    if let Some(key) = auth {
+        req = req.bearer_auth(key);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn assert_api_error(status: u16, body: &Value, expected: u16) {
+    assert_eq!(status, expected, "{body}");
+    assert!(body["error"]["code"].is_string(), "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_endpoint_is_idempotent_and_deduplicated_against_the_poller() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let gw = Gateway::start(cfg(&redis, &db)).await;
+    let other = Gateway::start(cfg(&redis, &db)).await;
+    let base = format!("http://{}", gw.addr);
+    let r = Uuid::new_v4();
+    let q = format!("token={}", token(r));
+    let (mut ws, _) = board(gw.ws_url(&q)).await;
+    let (mut ws2, _) = board(other.ws_url(&q)).await;
+    watched(&redis, r).await;
+
+    // An event for an order that is not in the database: HTTP only.
+    let event = json!({"type": "order_created", "order": order_json(r, Uuid::new_v4(), "pending")});
+    let (status, first) = post_event(&base, &event).await;
+    assert_eq!(status, 202, "{first}");
+    let event_id = first["event_id"].as_str().expect("event_id").to_string();
+    for w in [&mut ws, &mut ws2] {
+        let ev = next_event(w, MARGIN).await;
+        assert_eq!(ev["event_id"], event_id.as_str());
+        assert_eq!(ev["type"], "order_created");
+    }
+    let (status, again) = post_event(&base, &event).await;
+    assert_eq!(status, 200);
+    assert_eq!(again, json!({"event_id": event_id, "duplicate": true}));
+
+    // The order service publishes its write (before even committing it);
+    // the poller then finds the same version in the database.
+    let pool = db.pool().await;
+    let mut tx = pool.begin().await.unwrap();
+    let id = Uuid::new_v4();
+    insert_order_in(&mut tx, id, r, "pending", 2).await;
+    let sql = format!(
+        "SELECT row_to_json(x) FROM (SELECT {} FROM orders o WHERE o.id = $1) x",
+        orders_gateway::db::ORDER_COLUMNS
+    );
+    let (order,): (Value,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let (status, published) =
+        post_event(&base, &json!({"type": "order_created", "order": order})).await;
+    assert_eq!(status, 202, "{published}");
+    tx.commit().await.unwrap();
+    for w in [&mut ws, &mut ws2] {
+        let ev = next_event(w, MARGIN).await;
+        assert_eq!(ev["event_id"], published["event_id"]);
+        assert_eq!(order_id(&ev), id);
+    }
+    // The poller has seen it (it remembers the order) and sent nothing.
+    let known = format!("og:poll:known:{r}");
+    eventually(Duration::from_secs(5), || async {
+        let v = redis
+            .cmd(&["HEXISTS", &known, &id.to_string()])
+            .await
+            .ok()?;
+        (redis::from_redis_value::<i64>(v).ok()? == 1).then_some(())
+    })
+    .await;
+    for w in [&mut ws, &mut ws2] {
+        w.silent_for(QUIET).await;
+    }
+    // The same version once more, now also the poller's: still one event.
+    let (status, third) =
+        post_event(&base, &json!({"type": "order_created", "order": order})).await;
+    assert_eq!((status, &third["event_id"]), (200, &published["event_id"]));
+
+    // The poller first, the order service second.
+    sqlx::query("UPDATE orders SET order_status = 'confirmed' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(ev["type"], "order_status_changed");
+    let late =
+        json!({"type": "order_status_changed", "previous_status": "pending", "order": ev["order"]});
+    let (status, dup) = post_event(&base, &late).await;
+    assert_eq!(status, 200, "{dup}");
+    assert_eq!(dup, json!({"event_id": ev["event_id"], "duplicate": true}));
+    assert_eq!(
+        next_event(&mut ws2, MARGIN).await["event_id"],
+        ev["event_id"]
+    );
+    for w in [&mut ws, &mut ws2] {
+        w.silent_for(QUIET).await;
+    }
+}
+
+#[tokio::test]
+async fn the_publish_endpoint_refuses_bad_requests() {
+    let redis = Redis::start().await;
+    let mut c = config();
+    c.redis_url = Some(redis.url());
+    let gw = Gateway::start(c).await;
+    let base = format!("http://{}", gw.addr);
+    let r = Uuid::new_v4();
+    let good = json!({"type": "order_created", "order": order_json(r, Uuid::new_v4(), "pending")})
+        .to_string();
+    let json_ct = "application/json";
+
+    let (s, b) = post_raw(&base, None, json_ct, &good).await;
+    assert_api_error(s, &b, 401);
+    let (s, b) = post_raw(&base, Some("wrong-key-0123456789abcdef"), json_ct, &good).await;
+    assert_api_error(s, &b, 401);
+    let (s, b) = post_raw(&base, Some(PUBLISH_KEY), "text/plain", &good).await;
+    assert_api_error(s, &b, 415);
+    for bad in [
+        "{not json",
+        "[]",
+        r#"{"type":"order_created"}"#,
+        r#"{"order":{}}"#,
+        &json!({"type": "order_exploded", "order": order_json(r, Uuid::new_v4(), "pending")})
+            .to_string(),
+        &json!({"type": "order_created", "order": {"id": Uuid::new_v4()}}).to_string(),
+        &json!({"type": "order_created", "order": order_json(r, Uuid::new_v4(), "lost")})
+            .to_string(),
+    ] {
+        let (s, b) = post_raw(&base, Some(PUBLISH_KEY), json_ct, bad).await;
+        assert_api_error(s, &b, 400);
+    }
+    // Nothing of those was numbered.
+    assert!(redis_keys(&redis, &format!("og:*{r}*")).await.is_empty());
+    let (s, b) = post_raw(&base, Some(PUBLISH_KEY), json_ct, &good).await;
+    assert_eq!(s, 202, "{b}");
+
+    // Without PUBLISH_API_KEY the route does not exist.
+    let mut c = config();
+    c.publish_api_key = None;
+    let closed = Gateway::start(c).await;
+    let (s, b) = post_raw(
+        &format!("http://{}", closed.addr),
+        Some(PUBLISH_KEY),
+        json_ct,
+        &good,
+    )
+    .await;
+    assert_api_error(s, &b, 404);
+}
