@@ -3,5 +3,7 @@ mod support;
 
 mod auth;
 mod broker_conformance;
+mod cluster;
 mod poller;
+mod resume;
 mod websocket;

@@ -460,7 +460,9 @@ impl Ws {
                 Ok(None) => return Next::Ended,
                 Ok(Some(Err(_))) => return Next::Ended,
                 Ok(Some(Ok(Message::Text(t)))) => {
-                    return Next::Json(serde_json::from_str(t.as_str()).expect("server sends JSON"));
+                    return Next::Json(
+                        serde_json::from_str(t.as_str()).expect("server sends JSON"),
+                    );
                 }
                 Ok(Some(Ok(Message::Close(f)))) => {
                     return match f {
