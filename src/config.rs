@@ -155,19 +155,19 @@ impl Config {
             }
             _ => {}
         }
-        if let Some(url) = &self.jwt_jwks_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(bad("JWT_JWKS_URL", "must be an http(s) URL"));
-            }
+        if let Some(url) = &self.jwt_jwks_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(bad("JWT_JWKS_URL", "must be an http(s) URL"));
         }
         if let Some(url) = &self.redis_url {
             redis::Client::open(url.as_str())
                 .map_err(|e| bad("REDIS_URL", format!("not a Redis URL ({e})")))?;
         }
-        if let Some(url) = &self.database_url {
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                return Err(bad("DATABASE_URL", "must be a postgres:// URL"));
-            }
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(bad("DATABASE_URL", "must be a postgres:// URL"));
         }
         if self.jwt_restaurant_claim.trim().is_empty() {
             return Err(bad("JWT_RESTAURANT_CLAIM", "must not be empty"));
@@ -178,25 +178,25 @@ impl Config {
         if !(100..=3_600_000).contains(&self.poll_interval_ms) {
             return Err(bad("POLL_INTERVAL_MS", "must be between 100 and 3600000"));
         }
-        if let Some(ttl) = self.leader_ttl_ms {
-            if ttl < 2 * self.poll_interval_ms.min(1000) || ttl < 200 {
-                return Err(bad("LEADER_TTL_MS", "must be at least 200 ms"));
-            }
+        if let Some(ttl) = self.leader_ttl_ms
+            && (ttl < 2 * self.poll_interval_ms.min(1000) || ttl < 200)
+        {
+            return Err(bad("LEADER_TTL_MS", "must be at least 200 ms"));
         }
-        if let Some(origins) = &self.allowed_origins {
-            if origins.split(',').any(|o| o.trim().is_empty()) {
-                return Err(bad("ALLOWED_ORIGINS", "empty entry in the comma list"));
-            }
+        if let Some(origins) = &self.allowed_origins
+            && origins.split(',').any(|o| o.trim().is_empty())
+        {
+            return Err(bad("ALLOWED_ORIGINS", "empty entry in the comma list"));
         }
-        if let Some(key) = &self.publish_api_key {
-            if key.len() < 16 {
-                return Err(bad("PUBLISH_API_KEY", "must be at least 16 bytes"));
-            }
+        if let Some(key) = &self.publish_api_key
+            && key.len() < 16
+        {
+            return Err(bad("PUBLISH_API_KEY", "must be at least 16 bytes"));
         }
-        if let Some(id) = &self.instance_id {
-            if id.is_empty() || id.len() > 128 || id.contains(char::is_whitespace) {
-                return Err(bad("INSTANCE_ID", "1-128 characters, no spaces"));
-            }
+        if let Some(id) = &self.instance_id
+            && (id.is_empty() || id.len() > 128 || id.contains(char::is_whitespace))
+        {
+            return Err(bad("INSTANCE_ID", "1-128 characters, no spaces"));
         }
         if self.max_connections == 0 {
             return Err(bad("MAX_CONNECTIONS", "must be positive"));

@@ -161,9 +161,16 @@ impl Database {
         restaurants: &[Uuid],
         since: DateTime<Utc>,
     ) -> Result<Vec<Order>, sqlx::Error> {
+        // Not a cached prepared statement: PostgreSQL then plans every run
+        // for the actual cursor and walks orders_updated_at_idx (~1 ms over a
+        // million orders). A cached statement may switch to the generic plan,
+        // which cannot tell "the last few seconds" from "a third of the
+        // table" and probes (restaurant_id, updated_at) once per restaurant
+        // instead: 60 ms for 10,000 restaurants (docs/BENCHMARKS.md).
         let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(changed_orders_sql()))
             .bind(restaurants)
             .bind(since)
+            .persistent(false)
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().map(Order::from).collect())
@@ -178,9 +185,11 @@ impl Database {
         restaurants: &[Uuid],
         before: DateTime<Utc>,
     ) -> Result<Vec<(Uuid, Uuid, String, DateTime<Utc>)>, sqlx::Error> {
+        // Planned for its actual values, like the poll (see changed_orders).
         sqlx::query_as(BASELINE_SQL)
             .bind(restaurants)
             .bind(before)
+            .persistent(false)
             .fetch_all(&self.pool)
             .await
     }

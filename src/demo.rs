@@ -110,7 +110,7 @@ impl Demo {
             .cloned()
             .collect();
         let now = Utc::now();
-        let (kind, previous, order) = if open.len() < 4 || n % 2 == 0 && open.len() < 12 {
+        let (kind, previous, order) = if open.len() < 4 || n.is_multiple_of(2) && open.len() < 12 {
             let items: Vec<OrderItem> = (0..1 + n as usize % 3)
                 .map(|i| {
                     let (_, price) = MENU[(n as usize + i) % MENU.len()];
@@ -139,7 +139,7 @@ impl Demo {
                 customer_phone: None,
                 order_status: "pending".into(),
                 payment_status: Some("pending".into()),
-                payment_method: Some(if n % 3 == 0 { "card" } else { "cash" }.into()),
+                payment_method: Some(if n.is_multiple_of(3) { "card" } else { "cash" }.into()),
                 total_price: Some((total * 100.0).round() / 100.0),
                 estimated_time: Some(10 + (n % 4) as i32 * 5),
                 created_at: now,

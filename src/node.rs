@@ -110,10 +110,10 @@ impl Node {
         self.inner.hub.leave(r, connection_id);
         metrics::gauge!("orders_gateway_connections").set(self.inner.hub.connections() as f64);
         let record = lock(&self.inner.local).remove(&connection_id);
-        if let Some(record) = record {
-            if let Err(e) = self.inner.backend.remove_connection(&record).await {
-                tracing::debug!(error = %e, "could not deregister connection; it expires");
-            }
+        if let Some(record) = record
+            && let Err(e) = self.inner.backend.remove_connection(&record).await
+        {
+            tracing::debug!(error = %e, "could not deregister connection; it expires");
         }
     }
 

@@ -139,22 +139,21 @@ struct Seam {
 
 impl Seam {
     fn admits(&mut self, frame: &Frame) -> bool {
-        if let (Some(id), Some(cursor)) = (frame.event_id, self.cursor) {
-            if id <= cursor {
-                return false;
-            }
+        if let (Some(id), Some(cursor)) = (frame.event_id, self.cursor)
+            && id <= cursor
+        {
+            return false;
         }
         if !self.snapshot.is_empty() {
             if Instant::now() > self.snapshot_until {
                 self.snapshot = HashMap::new();
-            } else if let Some(v) = frame.version {
-                if self
+            } else if let Some(v) = frame.version
+                && self
                     .snapshot
                     .get(&v.order_id)
                     .is_some_and(|seen| *seen >= v.updated_at_micros)
-                {
-                    return false;
-                }
+            {
+                return false;
             }
         }
         if let Some(id) = frame.event_id {

@@ -201,23 +201,43 @@ async fn tick(a: TickArgs) -> anyhow::Result<()> {
     let sql = changed_orders_sql();
     println!("\nSQL:\n{sql}\n");
     let mut conn = pool.acquire().await?;
-    for mode in ["auto", "force_generic_plan"] {
-        sqlx::query(AssertSqlSafe(format!("SET plan_cache_mode = {mode}")))
-            .execute(&mut *conn)
+    // As the poller sends it: bound parameters, planned for their values.
+    let plan: Vec<String> =
+        sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN (ANALYZE, BUFFERS) {sql}")))
+            .bind(&ids)
+            .bind(since)
+            .fetch_all(&mut *conn)
             .await?;
-        let plan: Vec<String> =
-            sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN (ANALYZE, BUFFERS) {sql}")))
-                .bind(&ids)
-                .bind(since)
-                .fetch_all(&mut *conn)
-                .await?;
-        println!("EXPLAIN (ANALYZE, BUFFERS), plan_cache_mode = {mode}:");
-        for line in plan {
-            println!("  {}", elide(&line));
-        }
-        println!();
+    println!("EXPLAIN (ANALYZE, BUFFERS), parameters bound (custom plan):");
+    for line in plan {
+        println!("  {}", elide(&line));
     }
-    sqlx::query("RESET plan_cache_mode")
+    // A cached statement may switch to a generic plan after five runs: show
+    // that one too. The literals are uuids and a timestamp, nothing to escape.
+    let ids_literal = format!(
+        "'{{{}}}'::uuid[]",
+        ids.iter()
+            .map(Uuid::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let since_literal = format!("'{}'::timestamptz", since.to_rfc3339());
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "SET plan_cache_mode = force_generic_plan; PREPARE bench_tick(uuid[], timestamptz) AS {sql}"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    let plan: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, BUFFERS) EXECUTE bench_tick({ids_literal}, {since_literal})"
+    )))
+    .fetch_all(&mut *conn)
+    .await?;
+    println!("\nEXPLAIN (ANALYZE, BUFFERS), plan_cache_mode = force_generic_plan:");
+    for line in plan {
+        println!("  {}", elide(&line));
+    }
+    println!();
+    sqlx::raw_sql("DEALLOCATE bench_tick; RESET plan_cache_mode")
         .execute(&mut *conn)
         .await?;
 
@@ -684,10 +704,10 @@ impl Replica {
         };
         let client = reqwest::Client::new();
         for _ in 0..400 {
-            if let Ok(r) = client.get(format!("http://{addr}/healthz")).send().await {
-                if r.status().is_success() {
-                    return Ok(replica);
-                }
+            if let Ok(r) = client.get(format!("http://{addr}/healthz")).send().await
+                && r.status().is_success()
+            {
+                return Ok(replica);
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -775,10 +795,10 @@ async fn read_dashboard(
         if !v["type"].as_str().is_some_and(|t| t.starts_with("order_")) {
             continue;
         }
-        if let Some(order) = v["order"]["id"].as_str().and_then(|s| s.parse().ok()) {
-            if tx.send(Received { replica, order, at }).is_err() {
-                return;
-            }
+        if let Some(order) = v["order"]["id"].as_str().and_then(|s| s.parse().ok())
+            && tx.send(Received { replica, order, at }).is_err()
+        {
+            return;
         }
     }
 }

@@ -89,10 +89,10 @@ impl State {
     }
 
     fn remember(&mut self, key: (RestaurantId, String), id: EventId) {
-        if self.dedup.len() >= DEDUP_CAPACITY {
-            if let Some(old) = self.dedup_order.pop_front() {
-                self.dedup.remove(&old);
-            }
+        if self.dedup.len() >= DEDUP_CAPACITY
+            && let Some(old) = self.dedup_order.pop_front()
+        {
+            self.dedup.remove(&old);
         }
         self.dedup_order.push_back(key.clone());
         self.dedup.insert(key, (id, Instant::now() + DEDUP_TTL));
@@ -124,21 +124,20 @@ impl Broker for MemoryBroker {
 
     async fn publish(&self, req: PublishRequest) -> Result<Published, BrokerError> {
         let mut st = self.state.lock().await;
-        if let Some(fence) = &req.fence {
-            if st.leader_token() != Some(fence.as_str()) {
-                return Err(BrokerError::Fenced);
-            }
+        if let Some(fence) = &req.fence
+            && st.leader_token() != Some(fence.as_str())
+        {
+            return Err(BrokerError::Fenced);
         }
         let key = req.version.map(|v| (req.restaurant, v.token()));
-        if let Some(key) = &key {
-            if let Some((id, exp)) = st.dedup.get(key) {
-                if *exp > Instant::now() {
-                    return Ok(Published {
-                        event_id: *id,
-                        duplicate: true,
-                    });
-                }
-            }
+        if let Some(key) = &key
+            && let Some((id, exp)) = st.dedup.get(key)
+            && *exp > Instant::now()
+        {
+            return Ok(Published {
+                event_id: *id,
+                duplicate: true,
+            });
         }
         let limits = self.limits;
         if st.history(req.restaurant, limits).is_none() {

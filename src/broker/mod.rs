@@ -120,13 +120,15 @@ pub struct PollerState {
     pub restaurants: HashMap<RestaurantId, HashMap<String, String>>,
 }
 
+/// Field edits of one restaurant's poller state: set (`Some`) or delete (`None`).
+pub type FieldEdits = Vec<(String, Option<String>)>;
+
 /// Changes to [`PollerState`] written by the leader after a tick.
 #[derive(Debug, Clone, Default)]
 pub struct PollerStateDelta {
     pub cursor_micros: i64,
     pub last_poll_ms: i64,
-    /// Field set (`Some`) or deleted (`None`), per restaurant.
-    pub changes: Vec<(RestaurantId, Vec<(String, Option<String>)>)>,
+    pub changes: Vec<(RestaurantId, FieldEdits)>,
     /// Restaurants whose whole state is dropped (no longer active).
     pub forget: Vec<RestaurantId>,
 }

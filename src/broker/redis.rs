@@ -265,7 +265,7 @@ async fn receive(
 async fn retry_later(attempt: &mut u32, why: &str, shutdown: &CancellationToken) {
     metrics::gauge!("orders_gateway_redis_up").set(0.0);
     let delay = backoff(*attempt);
-    if *attempt % 10 == 0 {
+    if (*attempt).is_multiple_of(10) {
         tracing::warn!(
             error = why,
             retry_in_ms = delay.as_millis() as u64,

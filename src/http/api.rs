@@ -148,12 +148,12 @@ pub async fn publish(
             "order.order_status must be one of {ORDER_STATUSES:?}"
         )));
     }
-    if let Some(prev) = &event.previous_status {
-        if !ORDER_STATUSES.contains(&prev.as_str()) {
-            return Err(ApiError::bad_request(
-                "previous_status is not an order status",
-            ));
-        }
+    if let Some(prev) = &event.previous_status
+        && !ORDER_STATUSES.contains(&prev.as_str())
+    {
+        return Err(ApiError::bad_request(
+            "previous_status is not an order status",
+        ));
     }
     let restaurant = RestaurantId(event.order.restaurant_id);
     let previous_status = match event.kind {

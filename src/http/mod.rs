@@ -101,10 +101,10 @@ async fn readyz(State(st): State<AppState>) -> Response {
     if st.is_draining() {
         return ApiError::unavailable("draining").into_response();
     }
-    if st.redis_configured {
-        if let Err(e) = st.sessions.node.backend().ping().await {
-            return ApiError::unavailable(format!("redis: {e}")).into_response();
-        }
+    if st.redis_configured
+        && let Err(e) = st.sessions.node.backend().ping().await
+    {
+        return ApiError::unavailable(format!("redis: {e}")).into_response();
     }
     Json(json!({ "status": "ready" })).into_response()
 }

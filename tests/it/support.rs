@@ -347,18 +347,19 @@ impl GatewayProcess {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("gateway binary runs");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // Owned by the guard from the start: killed and reaped on any exit.
+        let process = GatewayProcess {
+            addr,
+            instance_id,
+            child: cmd.spawn().expect("gateway binary runs"),
+        };
         let client = reqwest::Client::new();
         for _ in 0..400 {
-            if let Ok(r) = client.get(format!("http://{addr}/healthz")).send().await {
-                if r.status().is_success() {
-                    return GatewayProcess {
-                        addr,
-                        instance_id,
-                        child,
-                    };
-                }
+            if let Ok(r) = client.get(format!("http://{addr}/healthz")).send().await
+                && r.status().is_success()
+            {
+                return process;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
