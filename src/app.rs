@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::auth::{OriginPolicy, Verifier};
 use crate::broker::memory::MemoryBroker;
@@ -173,24 +174,26 @@ impl App {
         } = self;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, instance_id = %node.instance_id(), "orders-gateway listening");
+        // Background tasks log with this replica's id (sockets add theirs).
+        let span = tracing::info_span!("gateway", instance_id = %node.instance_id());
         let tasks = TaskTracker::new();
         {
             let node = node.clone();
-            tasks.spawn(async move { node.dispatch(inbound).await });
+            tasks.spawn(async move { node.dispatch(inbound).await }.instrument(span.clone()));
         }
         {
             let node = node.clone();
             let stop = background.clone();
-            tasks.spawn(async move { node.maintain(stop).await });
+            tasks.spawn(async move { node.maintain(stop).await }.instrument(span.clone()));
         }
         let poller_task = poller.map(|p| {
             let stop = background.clone();
-            tokio::spawn(async move { p.run(stop).await })
+            tokio::spawn(async move { p.run(stop).await }.instrument(span.clone()))
         });
         if let Some(demo) = demo {
             let stop = background.clone();
             let base = format!("http://{}", display_addr(addr));
-            tasks.spawn(async move { demo.run(base, stop).await });
+            tasks.spawn(async move { demo.run(base, stop).await }.instrument(span.clone()));
         }
         state.verifier.warm_up().await;
         node.heartbeat().await;

@@ -56,14 +56,18 @@ impl Demo {
             .jwt_secret
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("DEMO needs JWT_SECRET (generated when unset)"))?;
-        let claims = json!({
+        let mut claims = json!({
             "sub": DEMO_USER,
             "restaurant_id": DEMO_RESTAURANT,
             "role": "authenticated",
-            "aud": cfg.jwt_audience,
-            "iss": cfg.jwt_issuer,
             "exp": Utc::now().timestamp() + 7 * 24 * 3600,
         });
+        if let Some(aud) = &cfg.jwt_audience {
+            claims["aud"] = aud.as_str().into();
+        }
+        if let Some(iss) = &cfg.jwt_issuer {
+            claims["iss"] = iss.as_str().into();
+        }
         let token = encode(
             &Header::default(),
             &claims,

@@ -18,6 +18,9 @@ use crate::broker::{
 use crate::domain::{EventId, Frame, RestaurantId};
 use crate::hub::{Hub, JoinError, Member};
 
+/// Connections refreshed per presence pipeline.
+const HEARTBEAT_SLICE: usize = 250;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]
@@ -196,13 +199,13 @@ impl Node {
                 Inbound::Event {
                     restaurant,
                     payload,
-                } => self.dispatch_one(restaurant, payload, true),
+                } => self.dispatch_one(restaurant, payload),
                 Inbound::Resubscribed => self.fill_gaps().await,
             }
         }
     }
 
-    fn dispatch_one(&self, r: RestaurantId, payload: axum::extract::ws::Utf8Bytes, live: bool) {
+    fn dispatch_one(&self, r: RestaurantId, payload: axum::extract::ws::Utf8Bytes) {
         metrics::counter!("orders_gateway_events_received_total").increment(1);
         let frame = match Frame::parse(r, payload) {
             Ok(f) => f,
@@ -215,9 +218,7 @@ impl Node {
         if let Some(id) = frame.event_id {
             let mut last = lock(&self.inner.last_dispatched);
             let newest = last.entry(r).or_insert(id);
-            if live || id > *newest {
-                *newest = id.max(*newest);
-            }
+            *newest = id.max(*newest);
         }
         let out = self.inner.hub.broadcast(r, &frame);
         metrics::counter!("orders_gateway_messages_delivered_total")
@@ -238,7 +239,7 @@ impl Node {
             match self.inner.backend.history_after(r, last).await {
                 Ok(History::Events(frames)) => {
                     for f in frames {
-                        self.dispatch_one(r, f, false);
+                        self.dispatch_one(r, f);
                     }
                 }
                 Ok(History::Gone) => {
@@ -270,14 +271,23 @@ impl Node {
 
     pub async fn heartbeat(&self) {
         let records: Vec<ConnectionRecord> = lock(&self.inner.local).values().cloned().collect();
-        match self
-            .inner
-            .backend
-            .heartbeat(&self.inner.instance_id, &records, self.inner.presence_ttl)
-            .await
-        {
-            Ok(()) => {}
-            Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
+        // In slices: building one pipeline for 10k sockets kept the worker
+        // busy for ~20 ms, a stall every socket felt as delivery latency.
+        // Each slice's round trip yields to the sockets in between.
+        let mut slices: Vec<&[ConnectionRecord]> = records.chunks(HEARTBEAT_SLICE).collect();
+        if slices.is_empty() {
+            slices.push(&[]);
+        }
+        for slice in slices {
+            if let Err(e) = self
+                .inner
+                .backend
+                .heartbeat(&self.inner.instance_id, slice, self.inner.presence_ttl)
+                .await
+            {
+                tracing::warn!(error = %e, "presence heartbeat failed");
+                break;
+            }
         }
         if let Ok(n) = self.inner.backend.live_instances().await {
             metrics::gauge!("orders_gateway_instances").set(n as f64);

@@ -180,9 +180,8 @@ enum Step {
 pub async fn run(ctx: Arc<SessionContext>, socket: WebSocket, admission: Admission) {
     let connection_id = Uuid::new_v4();
     let r = admission.restaurant;
-    let span = tracing::info_span!("session", restaurant_id = %r, %connection_id);
-    let _enter = span.enter();
-    drop(_enter);
+    // The caller's span has the restaurant and instance; add the connection.
+    tracing::Span::current().record("connection_id", tracing::field::display(connection_id));
     let (queue_tx, queue_rx) = mpsc::channel(ctx.send_queue_capacity);
     let overflowed = CancellationToken::new();
     let member = Member {
@@ -217,7 +216,7 @@ pub async fn run(ctx: Arc<SessionContext>, socket: WebSocket, admission: Admissi
                 CloseReason::TooMany("connection limit of this restaurant reached".into())
             }
             NodeError::Broker(e) => {
-                tracing::warn!(parent: &span, error = %e, "cannot subscribe");
+                tracing::warn!(error = %e, "cannot subscribe");
                 CloseReason::Unavailable("real-time service unavailable, retry".into())
             }
         };
@@ -227,10 +226,10 @@ pub async fn run(ctx: Arc<SessionContext>, socket: WebSocket, admission: Admissi
         return;
     }
     metrics::counter!("orders_gateway_connections_opened_total").increment(1);
-    tracing::debug!(parent: &span, "connected");
+    tracing::debug!("connected");
     let reason = session.serve(queue_rx, overflowed).await;
     if let Some(reason) = &reason {
-        tracing::debug!(parent: &span, code = reason.code(), "closing");
+        tracing::debug!(code = reason.code(), "closing");
         if *reason == CloseReason::ShuttingDown {
             // Bounded concurrency: thousands of closes do not stampede.
             let _permit = ctx.closing.acquire().await;

@@ -32,6 +32,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 /// Order versions are remembered this long for deduplication.
 const DEDUP_TTL_MS: u64 = 24 * 3600 * 1000;
 const SUBSCRIBE_CHUNK: usize = 512;
+/// How long a subscribe waits for the pub/sub connection to come (back).
+const SINK_WAIT: Duration = Duration::from_secs(2);
 
 const INSTANCES: &str = "og:instances";
 const ACTIVE: &str = "og:active";
@@ -290,8 +292,17 @@ fn parse_event_id(epoch: &str, seq: &str) -> Option<EventId> {
 impl Broker for RedisBroker {
     async fn subscribe(&self, r: RestaurantId) -> Result<(), BrokerError> {
         self.subscriptions.wanted().insert(r);
-        let Some(mut sink) = self.subscriptions.sink() else {
-            return Err(unavailable("Redis pub/sub connection is down"));
+        // Right after start or a reconnect the receiver may be a moment away
+        // from having a connection: wait for it a little, not forever.
+        let deadline = tokio::time::Instant::now() + SINK_WAIT;
+        let mut sink = loop {
+            if let Some(sink) = self.subscriptions.sink() {
+                break sink;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(unavailable("Redis pub/sub connection is down"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         };
         timed(sink.subscribe(r.channel())).await
     }

@@ -36,7 +36,12 @@ pub async fn upgrade(
         .on_upgrade(move |mut socket| async move {
             match admission {
                 Ok(admission) => {
-                    let span = tracing::info_span!("socket", restaurant_id = %admission.restaurant);
+                    let span = tracing::info_span!(
+                        "socket",
+                        instance_id = %ctx.node.instance_id(),
+                        restaurant_id = %admission.restaurant,
+                        connection_id = tracing::field::Empty,
+                    );
                     session::run(ctx, socket, admission).instrument(span).await
                 }
                 Err(reason) => {
