@@ -4,7 +4,21 @@ use orders_gateway::config::{Cli, Command};
 use orders_gateway::db::Database;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line naming the variable, e.g. "invalid value 'x' for
+            // '--bind-addr <BIND_ADDR>': invalid socket address syntax".
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!(
+                "orders-gateway: invalid configuration: {}",
+                first.trim_start_matches("error: ")
+            );
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    };
     let mut config = cli.config;
     if let Err(e) = config.validate() {
         eprintln!("orders-gateway: {e}");

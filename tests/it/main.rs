@@ -6,4 +6,5 @@ mod broker_conformance;
 mod cluster;
 mod poller;
 mod resume;
+mod startup;
 mod websocket;

@@ -1,0 +1,73 @@
+//! Start-up: a bad configuration stops the process with one line naming
+//! the variable; the embedded defaults serve with no Redis and no database.
+
+use crate::support::{GatewayProcess, binary, dashboard, order_json, post_event, token};
+use std::process::Command;
+
+fn start_with(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(binary());
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn bad_configuration_is_one_line_naming_the_variable() {
+    let secret = ("JWT_SECRET", "0123456789abcdef0123");
+    for (env, var) in [
+        (vec![], "JWT_SECRET"),
+        (vec![("JWT_SECRET", "short")], "JWT_SECRET"),
+        (vec![secret, ("BIND_ADDR", "nowhere")], "BIND_ADDR"),
+        (
+            vec![secret, ("POLL_INTERVAL_MS", "soon")],
+            "POLL_INTERVAL_MS",
+        ),
+        (vec![secret, ("POLL_INTERVAL_MS", "5")], "POLL_INTERVAL_MS"),
+        (vec![secret, ("REDIS_URL", "http://x")], "REDIS_URL"),
+        (vec![secret, ("DATABASE_URL", "mysql://x")], "DATABASE_URL"),
+        (vec![secret, ("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+        (vec![secret, ("PUBLISH_API_KEY", "abc")], "PUBLISH_API_KEY"),
+        (vec![("JWT_JWKS_URL", "ftp://keys")], "JWT_JWKS_URL"),
+    ] {
+        let (code, stderr) = start_with(&env);
+        assert_eq!(code, Some(2), "{env:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{env:?}: {stderr}");
+        assert!(stderr.contains(var), "{env:?} should name {var}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn embedded_defaults_serve_without_redis_or_database() {
+    let gw = GatewayProcess::start(&[]).await;
+    let base = format!("http://{}", gw.addr);
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let board = reqwest::get(format!("{base}/")).await.unwrap();
+    assert!(
+        board.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let r = uuid::Uuid::new_v4();
+    let (mut ws, _) = dashboard(&gw.ws_url(&format!("token={}", token(r)))).await;
+    let (s, _) = post_event(
+        &base,
+        &serde_json::json!({"type": "order_created", "order": order_json(r, uuid::Uuid::new_v4(), "pending")}),
+    )
+    .await;
+    assert_eq!(s, 202);
+    assert_eq!(ws.event().await["type"], "order_created");
+}
