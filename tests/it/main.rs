@@ -7,4 +7,5 @@ mod cluster;
 mod poller;
 mod resume;
 mod startup;
+mod topology;
 mod websocket;
