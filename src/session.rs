@@ -304,7 +304,9 @@ impl Session<'_> {
                 },
                 msg = self.socket.recv() => {
                     last_heard = Instant::now();
-                    self.on_client(msg, &limiter).await
+                    // Boxed: its token check is the largest state in this
+                    // loop, and every idle socket would carry it inline.
+                    Box::pin(self.on_client(msg, &limiter)).await
                 }
                 _ = heartbeat.tick() => {
                     if last_heard.elapsed() > silence_limit {

@@ -789,7 +789,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let sys_per_delivery_us = (p1.gateway_sys - p0.gateway_sys) * 1e6 / unique.max(1) as f64;
         let closed = shared.closed.load(Ordering::Relaxed) - closed_before;
         let errors = publisher.errors.load(Ordering::Relaxed) - errors_before;
-        let deliveries_per_s = unique as f64 / args.duration_secs;
+        // Over the time the events actually took to publish: when the load
+        // side cannot keep the target rate, the phase runs longer.
+        let publish_secs = if achieved > 0.0 {
+            events as f64 / achieved
+        } else {
+            args.duration_secs
+        };
+        let deliveries_per_s = unique as f64 / publish_secs.max(1e-9);
         emit(
             &args,
             format!(
@@ -840,10 +847,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "first_publish_error": publisher.first_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             }),
         );
-        if let Some(limit) = args.stop_above_p99_ms {
-            if lost > 0 || ms(h.value_at_quantile(0.99)) > limit {
-                break;
-            }
+        if let Some(limit) = args.stop_above_p99_ms
+            && (lost > 0 || ms(h.value_at_quantile(0.99)) > limit)
+        {
+            break;
         }
     }
     let codes = shared

@@ -14,11 +14,19 @@ use crate::session::{self, Admission, CloseReason};
 /// Client frames above this are refused with 1009.
 pub const MAX_CLIENT_FRAME: usize = 64 * 1024;
 /// Small socket buffers keep an idle connection's memory low: dashboards
-/// send tiny frames and receive ~1 KiB events.
-const READ_BUFFER: usize = 1024;
+/// send tiny frames (pings; an occasional ~1 KiB `auth`, read in a few
+/// reads) and receive ~1 KiB events. The read buffer is allocated per
+/// socket up front (4 KiB here was a quarter of an idle socket's memory;
+/// see docs/BENCHMARKS.md).
+const READ_BUFFER: usize = 512;
 const WRITE_BUFFER: usize = 0;
 /// Past this much unsent data, sends wait (then the queue overflows → 4408).
-const MAX_WRITE_BUFFER: usize = 256 * 1024;
+/// Also the largest single frame that can be sent at all (tungstenite
+/// refuses a bigger one with WriteBufferFull, and the session drops the
+/// socket): it must hold a whole snapshot. 256 KiB was ~550 open orders, so
+/// a busy restaurant's dashboards could never connect. Sends are awaited one
+/// at a time, so this is never allocated for queued frames.
+const MAX_WRITE_BUFFER: usize = 64 * 1024 * 1024;
 
 pub async fn upgrade(
     State(st): State<AppState>,
