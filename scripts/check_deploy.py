@@ -1084,7 +1084,7 @@ def check_operations_doc() -> None:
     text = OPERATIONS.read_text()
     missing = sorted(m for m in interface_metrics() if m not in text)
     expect(not missing, f"OPERATIONS.md does not document {missing}")
-    for needle in ("LOG_FORMAT=json", "instance_id", "restaurant_id", "connection_id", "Capacity guide", "TODO(bench)"):
+    for needle in ("LOG_FORMAT=json", "instance_id", "restaurant_id", "connection_id", "Capacity guide", "docs/BENCHMARKS.md"):
         expect(needle in text, f"OPERATIONS.md lacks {needle!r}")
     # Every Helm value documented.
     h = helm()
