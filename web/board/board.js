@@ -310,7 +310,9 @@ if (!token) {
     restaurantId,
     onOrders: (orders) => scheduleRender(orders),
     onEvent: (evt) => {
-      if (evt.type === 'order_created') {
+      // Only a new order that is on the board calls the kitchen's attention
+      // (an order created and closed before this board saw it is not).
+      if (evt.type === 'order_created' && client.orders.has(evt.order.id)) {
         flash(evt.order.id);
         beep();
       }
