@@ -293,3 +293,37 @@ async fn sigterm_closes_sockets_with_1001_and_exits_cleanly() {
     assert_eq!(live, 0);
     let _ = Ws::connect;
 }
+
+async fn numsub(redis: &Redis, r: Uuid) -> Option<i64> {
+    let v = redis
+        .cmd(&["PUBSUB", "NUMSUB", &format!("orders:{r}")])
+        .await
+        .ok()?;
+    let n: Vec<(String, i64)> = redis::from_redis_value(v).ok()?;
+    Some(n[0].1)
+}
+
+#[tokio::test]
+async fn channels_are_unsubscribed_lazily_and_resubscribed_on_return() {
+    let redis = Redis::start().await;
+    let gw = replicas(&redis, 1).await.remove(0);
+    let r = Uuid::new_v4();
+    let url = gw.ws_url(&format!("token={}", token(r)));
+    let (ws, _) = dashboard(&url).await;
+    assert_eq!(numsub(&redis, r).await, Some(1));
+    drop(ws);
+    // Gone after a couple of sweeps (PRESENCE_TTL_MS/4 each in tests).
+    eventually(Duration::from_secs(10), || async {
+        (numsub(&redis, r).await == Some(0)).then_some(())
+    })
+    .await;
+    let (mut ws, _) = dashboard(&url).await;
+    assert_eq!(numsub(&redis, r).await, Some(1));
+    let (s, _) = post_event(
+        &base(&gw),
+        &json!({"type": "order_created", "order": order_json(r, Uuid::new_v4(), "pending")}),
+    )
+    .await;
+    assert_eq!(s, 202);
+    assert_eq!(ws.event().await["type"], "order_created");
+}
