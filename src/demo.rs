@@ -16,8 +16,8 @@ use uuid::Uuid;
 use crate::broker::PublishRequest;
 use crate::config::Config;
 use crate::domain::{
-    EventBody, EventKind, Order, OrderItem, RestaurantId, SnapshotSource, format_timestamp,
-    is_open_status,
+    EventBody, EventKind, ORDER_STATUSES, Order, OrderItem, RestaurantId, SnapshotSource,
+    format_timestamp, is_open_status,
 };
 use crate::node::Node;
 
@@ -32,14 +32,8 @@ const MENU: [(&str, f64); 6] = [
     ("Caesar salad", 8.0),
     ("Espresso", 2.5),
 ];
-const FLOW: [&str; 6] = [
-    "pending",
-    "confirmed",
-    "preparing",
-    "ready",
-    "served",
-    "completed",
-];
+/// The forward path of an order: every status but `cancelled`.
+const FLOW: &[&str] = ORDER_STATUSES.split_at(6).0;
 
 #[derive(Clone)]
 pub struct Demo {

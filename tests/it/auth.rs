@@ -85,12 +85,7 @@ async fn bad_tokens_close_with_4401() {
     )
     .await;
     assert_eq!(ws.json().await["type"], "connection_established");
-    let metrics = reqwest::get(gw.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::support::metrics(&format!("http://{}", gw.addr)).await;
     assert!(
         metrics.contains("orders_gateway_auth_failures_total{reason=\"expired\"}"),
         "{metrics}"

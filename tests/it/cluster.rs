@@ -183,12 +183,7 @@ async fn redis_restart_keeps_dashboards_connected_and_delivering() {
     }
     let ready = reqwest::get(gws[0].http("/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
-    let metrics = reqwest::get(gws[0].http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::support::metrics(&format!("http://{}", gws[0].addr)).await;
     assert!(
         metrics.contains("orders_gateway_redis_reconnects_total"),
         "{metrics}"

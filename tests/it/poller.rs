@@ -45,6 +45,24 @@ fn process_env(redis: &Redis, db: &TestDb, ttl_ms: u64) -> Vec<(&'static str, St
     ]
 }
 
+/// `n` gateway processes, each with one dashboard of a fresh restaurant.
+async fn watched_replicas(
+    env: &[(&str, String)],
+    n: usize,
+) -> (Vec<GatewayProcess>, Vec<Ws>, Uuid) {
+    let mut procs = Vec::new();
+    for _ in 0..n {
+        procs.push(GatewayProcess::start(env).await);
+    }
+    let r = Uuid::new_v4();
+    let q = format!("token={}", token(r));
+    let mut boards = Vec::new();
+    for p in &procs {
+        boards.push(board(p.ws_url(&q)).await.0);
+    }
+    (procs, boards, r)
+}
+
 /// A dashboard past its greeting and snapshot; returns the snapshot.
 async fn board(ws_url: String) -> (Ws, Value) {
     let mut ws = Ws::connect(&ws_url).await;
@@ -560,16 +578,7 @@ async fn a_killed_leader_loses_and_repeats_nothing() {
     let redis = Redis::start().await;
     let db = TestDb::create().await;
     let env = process_env(&redis, &db, 1000);
-    let mut procs = Vec::new();
-    for _ in 0..3 {
-        procs.push(GatewayProcess::start(&env).await);
-    }
-    let r = Uuid::new_v4();
-    let q = format!("token={}", token(r));
-    let mut boards = Vec::new();
-    for p in &procs {
-        boards.push(board(p.ws_url(&q)).await.0);
-    }
+    let (procs, mut boards, r) = watched_replicas(&env, 3).await;
     let (epoch, holder) = eventually(Duration::from_secs(5), || leader(&redis)).await;
     let victim = procs
         .iter()
@@ -622,16 +631,7 @@ async fn a_paused_leader_cannot_publish_after_waking() {
     let redis = Redis::start().await;
     let db = TestDb::create().await;
     let env = process_env(&redis, &db, 1000);
-    let mut procs = Vec::new();
-    for _ in 0..2 {
-        procs.push(GatewayProcess::start(&env).await);
-    }
-    let r = Uuid::new_v4();
-    let q = format!("token={}", token(r));
-    let mut boards = Vec::new();
-    for p in &procs {
-        boards.push(board(p.ws_url(&q)).await.0);
-    }
+    let (procs, mut boards, r) = watched_replicas(&env, 2).await;
     let (_, holder) = eventually(Duration::from_secs(5), || leader(&redis)).await;
     let paused = procs.iter().position(|p| p.instance_id == holder).unwrap();
     let pool = db.pool().await;
@@ -791,16 +791,7 @@ async fn a_leader_shut_down_hands_over_at_once() {
     let db = TestDb::create().await;
     let ttl = Duration::from_millis(5000);
     let env = process_env(&redis, &db, ttl.as_millis() as u64);
-    let mut procs = Vec::new();
-    for _ in 0..2 {
-        procs.push(GatewayProcess::start(&env).await);
-    }
-    let r = Uuid::new_v4();
-    let q = format!("token={}", token(r));
-    let mut boards = Vec::new();
-    for p in &procs {
-        boards.push(board(p.ws_url(&q)).await.0);
-    }
+    let (mut procs, mut boards, r) = watched_replicas(&env, 2).await;
     let (epoch, holder) = eventually(Duration::from_secs(5), || leader(&redis)).await;
     let leaving = procs.iter().position(|p| p.instance_id == holder).unwrap();
     let staying = 1 - leaving;

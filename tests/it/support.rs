@@ -559,6 +559,16 @@ pub async fn post_event(base: &str, body: &Value) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// The gateway's Prometheus text.
+pub async fn metrics(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub async fn get_json(url: &str, token: &str) -> (u16, Value) {
     let resp = reqwest::Client::new()
         .get(url)

@@ -192,11 +192,6 @@ async fn slow_consumer_is_cut_off_while_others_get_everything() {
     assert_eq!(reader.await.unwrap(), EVENTS);
     // The slow client, reading at last, finds a 4408 after what was buffered.
     assert_eq!(slow.close_code().await, 4408);
-    let metrics = reqwest::get(gw.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::support::metrics(&format!("http://{}", gw.addr)).await;
     assert!(metrics.contains("orders_gateway_slow_client_closes_total"));
 }
