@@ -174,6 +174,7 @@ workers = 1
 request-timeout = 10
 [generation]
 max-examples = {MAX_EXAMPLES}
+database = "none"
 [phases.stateful]
 enabled = false
 [reports.junit]

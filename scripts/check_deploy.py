@@ -1124,9 +1124,6 @@ def check_operations_doc() -> None:
 # (not in this tree's code yet). A name here is allowed while absent from
 # src/; delete it once the code exports it.
 PENDING_METRICS = {
-    # The lead's pub/sub link liveness (issue 13 item 5).
-    "orders_gateway_redis_link_up": "gauge, 1 while this replica's subscription delivers",
-    "orders_gateway_redis_link_stalls_total": "counter of detected silent-link stalls",
     # Needed for the publish->delivery panel; not yet measured by the gateway.
     "orders_gateway_delivery_latency_seconds": "histogram, event timestamp to socket write",
 }
