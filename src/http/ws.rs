@@ -2,9 +2,10 @@
 //! before the upgrade; failures are told with a close code right after it.
 
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use super::{AppState, bearer, parse_query};
@@ -30,10 +31,23 @@ const MAX_WRITE_BUFFER: usize = 64 * 1024 * 1024;
 
 pub async fn upgrade(
     State(st): State<AppState>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Response {
+    // Not a WebSocket handshake: a JSON error like every other route (axum's
+    // own rejection is plain text).
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            let code = if e.status() == axum::http::StatusCode::UPGRADE_REQUIRED {
+                "upgrade_required"
+            } else {
+                "bad_request"
+            };
+            return super::ApiError::new(e.status(), code, e.body_text()).into_response();
+        }
+    };
     let admission = admit(&st, &headers, raw.as_deref()).await;
     let ctx = st.sessions.clone();
     ws.read_buffer_size(READ_BUFFER)
