@@ -209,7 +209,7 @@ def check_schemathesis() -> None:
             cmd = [str(VENV_BIN / "schemathesis"), "--config-file", str(config), "run", f"{gw.url}/api/openapi.json",
                    "--url", gw.url, "--checks", "all", "--no-color",
                    # Stay on loopback, bounded: each case is one small request.
-                   "--max-time", os.environ.get("SCHEMATHESIS_MAX_TIME", "240")]
+                   "--max-time", os.environ.get("SCHEMATHESIS_MAX_TIME", "150")]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                                   env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
             out = proc.stdout + proc.stderr
