@@ -8,4 +8,5 @@ mod poller;
 mod resume;
 mod startup;
 mod topology;
+mod wakeup;
 mod websocket;
