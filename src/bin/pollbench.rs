@@ -612,10 +612,15 @@ async fn triggers(a: TriggerArgs) -> anyhow::Result<()> {
         .await?;
     let restaurants: Vec<Uuid> = (0..a.restaurants).map(|_| Uuid::new_v4()).collect();
     // Rows to update, spread out so that writers rarely wait on a row lock.
-    let mut targets = Vec::new();
-    for i in 0..10_000 {
-        targets.push(insert_order(&pool, restaurants[i % restaurants.len()]).await?);
-    }
+    let targets: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO orders (id, order_number, restaurant_id, order_status, total_price) \
+         SELECT gen_random_uuid(), 'U-' || g, ($1::uuid[])[1 + g % cardinality($1::uuid[])], \
+                'pending', 10.00 \
+         FROM generate_series(0, 9999) g RETURNING id",
+    )
+    .bind(&restaurants)
+    .fetch_all(&pool)
+    .await?;
     // A listener drains the notifications, as the gateway's leader would.
     let heard = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let listener = {
