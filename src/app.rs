@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::db::Database;
 use crate::demo::Demo;
 use crate::domain::SnapshotSource;
-use crate::http::{AppState, router};
+use crate::http::{AppState, router, server};
 use crate::hub::Hub;
 use crate::node::Node;
 use crate::poller::Poller;
@@ -202,11 +202,12 @@ impl App {
         let server = {
             let stop = listener_stop.clone();
             let app = router(state.clone());
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            })
+            let limits = server::Limits {
+                header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+                handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+                max_handshakes: config.max_handshakes,
+            };
+            tokio::spawn(server::serve(listener, app, limits, stop))
         };
 
         shutdown.await;
