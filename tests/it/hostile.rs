@@ -3,11 +3,16 @@
 
 use std::time::Duration;
 
+use chrono::Utc;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use uuid::Uuid;
 
-use crate::support::{Gateway, config, dashboard, metrics, token};
+use crate::support::{
+    Gateway, TestDb, bulk_orders, config, dashboard, eventually, get_json, metrics, token,
+    token_with,
+};
 
 /// True when the server closed the connection (EOF or reset) within `limit`.
 async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
@@ -136,4 +141,93 @@ async fn a_request_body_trickled_forever_is_cut_at_the_handshake_deadline() {
         closed_within(&mut s, Duration::from_millis(100)).await,
         "a connection trickling its body is still open after 10 s"
     );
+}
+
+/// A WebSocket client that completes the handshake and then never reads,
+/// with a small receive window so the server's sends block early.
+async fn never_reading(
+    url: &str,
+    addr: std::net::SocketAddr,
+) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("upgrade succeeds");
+    ws
+}
+
+async fn local_connections(gw: &Gateway, r: Uuid) -> i64 {
+    let (status, v) = get_json(&gw.http("/api/ws/orders/live/status"), &token(r)).await;
+    assert_eq!(status, 200, "{v}");
+    v["local_connections"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn a_big_snapshot_to_a_client_that_never_reads_obeys_token_expiry() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let r = Uuid::new_v4();
+    // ~15 MB of snapshot: far more than the socket buffers hold.
+    bulk_orders(&pool, r, 40_000).await;
+    let mut cfg = config();
+    cfg.database_url = Some(db.url.clone());
+    let gw = Gateway::start(cfg).await;
+    let short = token_with(json!({
+        "sub": Uuid::new_v4(), "restaurant_id": r, "exp": Utc::now().timestamp() + 3,
+    }));
+    let _ws = never_reading(&gw.ws_url(&format!("token={short}")), gw.addr).await;
+    eventually(Duration::from_secs(10), || async {
+        (local_connections(&gw, r).await == 1).then_some(())
+    })
+    .await;
+    // Its send is blocked; the token's expiry must still end the socket.
+    eventually(Duration::from_secs(12), || async {
+        (local_connections(&gw, r).await == 0).then_some(())
+    })
+    .await;
+    let m = metrics(&format!("http://{}", gw.addr)).await;
+    assert!(
+        m.contains(r#"orders_gateway_connections_closed_total{code="4401"}"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_closed_with_4408() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let r = Uuid::new_v4();
+    // ~7 MB: more than the kernel's socket buffers (4 MB) hold.
+    bulk_orders(&pool, r, 20_000).await;
+    let mut cfg = config();
+    cfg.database_url = Some(db.url.clone());
+    let gw = Gateway::start(cfg).await;
+    let _ws = never_reading(&gw.ws_url(&format!("token={}", token(r))), gw.addr).await;
+    // No progress for the send deadline: cut off as too slow, not counted.
+    eventually(Duration::from_secs(60), || async {
+        let m = metrics(&format!("http://{}", gw.addr)).await;
+        m.contains(r#"orders_gateway_connections_closed_total{code="4408"}"#)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(local_connections(&gw, r).await, 0);
+}
+
+#[tokio::test]
+async fn a_big_snapshot_arrives_whole_as_one_message() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let r = Uuid::new_v4();
+    bulk_orders(&pool, r, 3_000).await;
+    let mut cfg = config();
+    cfg.database_url = Some(db.url.clone());
+    let gw = Gateway::start(cfg).await;
+    let (mut ws, _) = dashboard(&gw.ws_url(&format!("token={}", token(r)))).await;
+    let snap = ws.json().await;
+    assert_eq!(snap["type"], "snapshot");
+    assert_eq!(snap["orders"].as_array().unwrap().len(), 3_000);
+    ws.send_text(r#"{"type":"ping"}"#).await;
+    assert_eq!(ws.json().await["type"], "pong");
 }

@@ -7,6 +7,7 @@ mod cluster;
 mod hostile;
 mod poller;
 mod resume;
+mod resync_storm;
 mod startup;
 mod topology;
 mod websocket;
