@@ -109,13 +109,16 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the snapshot's versions are used to drop events it already shows.
 const SEAM_WINDOW: Duration = Duration::from_secs(60);
-/// Every message leaves in WebSocket frames of at most this many bytes: a
-/// socket's write buffer never holds more than one (tungstenite keeps its
-/// buffer's largest size for the socket's life, and copies each frame into
-/// it), so a 5 MB snapshot to a client that does not read costs the
-/// kernel's socket buffer plus this, not 5 MB. Clients reassemble the
-/// fragments into one message (RFC 6455 5.4); browsers do it unseen.
-pub const FRAGMENT: usize = 16 * 1024;
+/// Every message leaves in WebSocket frames of at most this many bytes.
+/// tungstenite copies each frame into the socket's write buffer, and that
+/// buffer keeps its largest size for the socket's life: sent whole, a 5 MB
+/// snapshot cost 5 MB per socket while a non-reading client held it, and
+/// again forever after. In fragments, a socket holds at most one (plus the
+/// kernel's socket buffer), and shrinks back to it after any burst. Clients
+/// reassemble fragments into one message (RFC 6455 5.4); browsers do it
+/// unseen. 8 KiB: ~640 writes for a 5 MB snapshot, and still room for a
+/// typical event (~1 KiB) in one frame.
+pub const FRAGMENT: usize = 8 * 1024;
 /// A send (one fragment) that makes no progress for this long means the
 /// client does not read: 4408.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);

@@ -13,6 +13,8 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -20,6 +22,7 @@ use futures_util::StreamExt;
 use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::json;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
@@ -41,6 +44,16 @@ struct Args {
     /// Seconds to sample after the client closed them.
     #[arg(long, default_value_t = 10)]
     after_secs: u64,
+    /// Rounds of (connect all, hold, close all): memory that is reused, not
+    /// leaked, does not grow from one round to the next.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Sockets connecting at once.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// The gateway binary. Default: `orders-gateway` next to this one.
+    #[arg(long)]
+    gateway: Option<PathBuf>,
 }
 
 const SECRET: &str = "snapbench-secret-0123456789abcdef";
@@ -120,13 +133,19 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let exe: PathBuf = std::env::current_exe()?.with_file_name("orders-gateway");
+    let exe: PathBuf = match &args.gateway {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("orders-gateway"),
+    };
     let gateway = Gateway(
         Command::new(&exe)
             .env("BIND_ADDR", format!("127.0.0.1:{port}"))
             .env("DATABASE_URL", url)
             .env("JWT_SECRET", SECRET)
-            .env("MAX_CONNECTIONS_PER_RESTAURANT", (args.sockets + 10).to_string())
+            .env(
+                "MAX_CONNECTIONS_PER_RESTAURANT",
+                (args.sockets + 10).to_string(),
+            )
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -172,42 +191,77 @@ async fn run(args: &Args, url: &str) -> anyhow::Result<()> {
         frame_bytes as f64 / 1048576.0
     );
 
-    let started = Instant::now();
-    let mut sockets = Vec::with_capacity(args.sockets);
-    for _ in 0..args.sockets {
-        if let Some(ws) = never_reading(&ws_url, port).await {
-            sockets.push(ws);
+    // Sampled every 250 ms in the background: the peak may come while
+    // the sockets are still connecting.
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                let kib = (rss_mib(pid) * 1024.0) as u64;
+                peak.fetch_max(kib, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let mut summary = Vec::new();
+    for round in 1..=args.rounds {
+        peak.store(0, Ordering::Relaxed);
+        let started = Instant::now();
+        let limit = Arc::new(Semaphore::new(args.concurrency));
+        let mut connecting = Vec::with_capacity(args.sockets);
+        for _ in 0..args.sockets {
+            let permit = limit.clone().acquire_owned().await?;
+            let url = ws_url.clone();
+            connecting.push(tokio::spawn(async move {
+                let ws = never_reading(&url, port).await;
+                drop(permit);
+                ws
+            }));
         }
-    }
-    println!(
-        "{} sockets connected in {:.1} s (none reads)",
-        sockets.len(),
-        started.elapsed().as_secs_f64()
-    );
-    let mut peak = 0.0f64;
-    for t in 0..args.hold_secs * 2 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss = rss_mib(pid);
-        peak = peak.max(rss);
-        if t % 2 == 1 {
-            println!("t={:>4.1}s open  RSS {rss:>7.1} MiB", (t + 1) as f64 / 2.0);
+        let mut sockets = Vec::with_capacity(args.sockets);
+        for c in connecting {
+            if let Ok(Some(ws)) = c.await {
+                sockets.push(ws);
+            }
         }
-    }
-    drop(sockets);
-    let closed_at = Instant::now();
-    let mut last = 0.0;
-    for _ in 0..args.after_secs {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        last = rss_mib(pid);
         println!(
-            "t+{:>3.0}s closed RSS {last:>7.1} MiB",
-            closed_at.elapsed().as_secs_f64()
+            "round {round}: {} sockets connected in {:.1} s (none reads); RSS {:.1} MiB",
+            sockets.len(),
+            started.elapsed().as_secs_f64(),
+            rss_mib(pid)
         );
+        for t in 1..=args.hold_secs {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if t % 5 == 0 {
+                println!(
+                    "round {round}: t={t:>3}s open   RSS {:>7.1} MiB",
+                    rss_mib(pid)
+                );
+            }
+        }
+        drop(sockets);
+        for t in 1..=args.after_secs {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if t % 5 == 0 || t == args.after_secs {
+                println!(
+                    "round {round}: t+{t:>2}s closed RSS {:>7.1} MiB",
+                    rss_mib(pid)
+                );
+            }
+        }
+        let peak_mib = peak.load(Ordering::Relaxed) as f64 / 1024.0;
+        summary.push(format!(
+            "round {round}: peak {peak_mib:.1} MiB, after close {:.1} MiB",
+            rss_mib(pid)
+        ));
     }
+    sampler.abort();
     println!(
-        "summary: sockets={} snapshot_mib={:.2} rss_before={idle:.1} peak={peak:.1} after_close={last:.1} (MiB)",
+        "summary: sockets={} snapshot_mib={:.2} rss_before={idle:.1} MiB; {}",
         args.sockets,
-        frame_bytes as f64 / 1048576.0
+        frame_bytes as f64 / 1048576.0,
+        summary.join("; ")
     );
     drop(gateway);
     Ok(())
