@@ -229,6 +229,9 @@ pub struct Frame {
     /// Events may have been missed and history cannot supply them: the
     /// session follows this frame with a fresh snapshot.
     pub resync: bool,
+    /// The event's `timestamp` (when it was published), for the
+    /// publish-to-delivery latency metric.
+    pub published_at: Option<DateTime<Utc>>,
 }
 
 /// The parts of an incoming event the gateway needs to route and deduplicate.
@@ -238,6 +241,8 @@ struct EventHeader {
     kind: String,
     event_id: Option<String>,
     order: Option<OrderHeader>,
+    /// Kept as text: a publisher's odd timestamp must not refuse the event.
+    timestamp: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -280,11 +285,18 @@ impl Frame {
                 version = Some(OrderVersion::new(id, at));
             }
         }
+        let published_at = header
+            .timestamp
+            .as_ref()
+            .and_then(|t| t.as_str())
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
         Ok(Frame {
             text: payload,
             event_id,
             version,
             resync: false,
+            published_at,
         })
     }
 
@@ -295,6 +307,7 @@ impl Frame {
             event_id: None,
             version: None,
             resync: false,
+            published_at: None,
         }
     }
 
