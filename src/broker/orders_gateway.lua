@@ -148,7 +148,11 @@ local function og_leader_release(keys, args)
   return 0
 end
 
--- FCALL og_poller_save 0 <token> <cursor_micros> <last_poll_ms> <json {forget:[rid], changes:{rid:{field:value|null}}}>
+-- FCALL og_poller_save 0 <token> <cursor_micros> <last_poll_ms> <json {changes:{rid:{field:value|null}}}>
+-- og:poll:restaurants lists the restaurants with known state, so a new leader
+-- loads all of them. Known state never expires: the poller removes closed and
+-- deleted orders itself, and an open order must still be known after a quiet
+-- day (else its next status change arrives as order_updated).
 local function og_poller_save(keys, args)
   if not lease_is_current(args[1]) then
     return redis.error_reply('FENCED stale leader lease')
@@ -156,9 +160,6 @@ local function og_poller_save(keys, args)
   redis.call('SET', 'og:poll:cursor', args[2])
   redis.call('SET', 'og:poll:last', args[3])
   local d = cjson.decode(args[4])
-  for _, rid in ipairs(d.forget) do
-    redis.call('DEL', 'og:poll:known:' .. rid)
-  end
   for rid, fields in pairs(d.changes) do
     local key = 'og:poll:known:' .. rid
     for f, v in pairs(fields) do
@@ -168,7 +169,12 @@ local function og_poller_save(keys, args)
         redis.call('HSET', key, f, v)
       end
     end
-    redis.call('PEXPIRE', key, 86400000)
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('PERSIST', key)
+      redis.call('SADD', 'og:poll:restaurants', rid)
+    else
+      redis.call('SREM', 'og:poll:restaurants', rid)
+    end
   end
   return 1
 end

@@ -497,6 +497,13 @@ impl Cluster for RedisBroker {
         Ok(token.as_deref().and_then(Lease::holder_of))
     }
 
+    async fn poller_restaurants(&self) -> Result<Vec<RestaurantId>, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.smembers("og:poll:restaurants");
+        let (members,): (Vec<String>,) = self.query(pipe).await?;
+        Ok(members.iter().filter_map(|m| m.parse().ok()).collect())
+    }
+
     async fn load_poller_state(
         &self,
         restaurants: &[RestaurantId],
@@ -549,10 +556,7 @@ impl Cluster for RedisBroker {
                 (r.to_string(), obj.into())
             })
             .collect();
-        let doc = serde_json::json!({
-            "forget": delta.forget.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
-            "changes": changes,
-        });
+        let doc = serde_json::json!({ "changes": changes });
         let _: i64 = self
             .fcall(
                 "og_poller_save",

@@ -143,7 +143,19 @@ pub async fn publish(
             "body must be {{\"type\",\"order\"[,\"previous_status\"]}} with a full order: {e}"
         ))
     })?;
-    if !ORDER_STATUSES.contains(&event.order.order_status.as_str()) {
+    if event.kind == EventKind::OrderDeleted {
+        // The poller reports deletions (docs/CHANGE_CAPTURE.md); an
+        // order_deleted carries no full order to validate or version.
+        return Err(ApiError::bad_request(
+            "order_deleted is reported by the gateway's change capture, not published",
+        ));
+    }
+    if !event
+        .order
+        .order_status
+        .as_deref()
+        .is_some_and(|s| ORDER_STATUSES.contains(&s))
+    {
         return Err(ApiError::bad_request(format!(
             "order.order_status must be one of {ORDER_STATUSES:?}"
         )));
