@@ -13,14 +13,28 @@ use crate::domain::{EventKind, Order, is_open_status};
 pub struct Known {
     /// `None`: the row's status was NULL.
     pub status: Option<String>,
+    /// The row's `updated_at` as read.
     pub updated_at_micros: i64,
+    /// The `updated_at` the event carried: the row's, or later when the
+    /// row's stamp went backwards (see [`published_micros`]).
+    pub published_micros: i64,
 }
 
 impl Known {
-    pub fn of(order: &Order) -> Known {
+    pub fn new(status: Option<String>, updated_at_micros: i64) -> Known {
+        Known {
+            status,
+            updated_at_micros,
+            published_micros: updated_at_micros,
+        }
+    }
+
+    /// What is known after publishing `order` with `published_micros`.
+    pub fn of(order: &Order, published_micros: i64) -> Known {
         Known {
             status: order.order_status.clone(),
             updated_at_micros: order.updated_at.timestamp_micros(),
+            published_micros,
         }
     }
 
@@ -29,22 +43,51 @@ impl Known {
         self.status.as_deref().is_some_and(is_open_status)
     }
 
-    /// Stored as `status|micros` in the poller's state (`|micros` for NULL:
-    /// no order status is empty).
+    /// Stored as `status|micros[|published micros]` in the poller's state;
+    /// a NULL status is empty (no order status is).
     pub fn encode(&self) -> String {
-        format!(
-            "{}|{}",
-            self.status.as_deref().unwrap_or_default(),
-            self.updated_at_micros
-        )
+        let status = self.status.as_deref().unwrap_or_default();
+        if self.published_micros == self.updated_at_micros {
+            format!("{status}|{}", self.updated_at_micros)
+        } else {
+            format!(
+                "{status}|{}|{}",
+                self.updated_at_micros, self.published_micros
+            )
+        }
     }
 
     pub fn decode(s: &str) -> Option<Known> {
-        let (status, micros) = s.rsplit_once('|')?;
-        Some(Known {
-            status: (!status.is_empty()).then(|| status.to_string()),
-            updated_at_micros: micros.parse().ok()?,
-        })
+        let (head, last) = s.rsplit_once('|')?;
+        let last: i64 = last.parse().ok()?;
+        if let Some((status, micros)) = head.rsplit_once('|')
+            && let Ok(micros) = micros.parse::<i64>()
+        {
+            return Some(Known {
+                status: status_of(status),
+                updated_at_micros: micros,
+                published_micros: last,
+            });
+        }
+        Some(Known::new(status_of(head), last))
+    }
+}
+
+fn status_of(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// The `updated_at` to publish a changed row with. Dashboards order an
+/// order's versions by `updated_at` and never show an older one after a
+/// newer one. A schema whose trigger stamps plain `now()` (the writing
+/// transaction's start) can leave an older stamp on a newer state; such a
+/// change is published stamped 1 µs after the newest version published, so
+/// it is delivered rather than dropped as stale. (The shipped migration
+/// makes stamps strictly increase, so this never happens on it.)
+pub fn published_micros(known: Option<&Known>, row_micros: i64) -> i64 {
+    match known {
+        Some(k) if k.published_micros >= row_micros => k.published_micros + 1,
+        _ => row_micros,
     }
 }
 
@@ -135,10 +178,7 @@ mod tests {
     }
 
     fn known(status: &str, updated: i64) -> Known {
-        Known {
-            status: Some(status.into()),
-            updated_at_micros: t(updated).timestamp_micros(),
-        }
+        Known::new(Some(status.into()), t(updated).timestamp_micros())
     }
 
     #[test]
@@ -217,11 +257,13 @@ mod tests {
     fn known_round_trips_through_its_encoding() {
         let k = known("preparing", 42);
         assert_eq!(Known::decode(&k.encode()), Some(k));
-        let null = Known {
-            status: None,
-            updated_at_micros: 7,
-        };
+        let null = Known::new(None, 7);
         assert_eq!(Known::decode(&null.encode()), Some(null));
+        let restamped = Known {
+            published_micros: 9,
+            ..Known::new(None, 7)
+        };
+        assert_eq!(Known::decode(&restamped.encode()), Some(restamped));
         assert_eq!(Known::decode("garbage"), None);
     }
 
@@ -236,13 +278,7 @@ mod tests {
             EventKind::OrderCreated
         );
         // A status out of NULL has no previous status to name.
-        let k = HashMap::from([(
-            id,
-            Known {
-                status: None,
-                updated_at_micros: t(100).timestamp_micros(),
-            },
-        )]);
+        let k = HashMap::from([(id, Known::new(None, t(100).timestamp_micros()))]);
         assert_eq!(
             diff(&k, &[order(id, "pending", 90, 101)], t(99))[0].kind,
             EventKind::OrderUpdated

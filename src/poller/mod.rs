@@ -23,7 +23,7 @@ use crate::db::Database;
 use crate::domain::{
     DeletedOrder, EventBody, EventKind, Order, OrderVersion, RestaurantId, format_timestamp,
 };
-use diff::{Known, diff};
+use diff::{Known, diff, published_micros};
 
 /// Never look further back than this, even for an older open transaction
 /// (an idle-in-transaction session must not make every tick re-read hours).
@@ -234,7 +234,22 @@ impl Poller {
         for (r, orders) in &by_restaurant {
             let known = progress.known.entry(*r).or_default();
             for change in diff(known, orders, since) {
-                let order = &orders[change.row];
+                let row = &orders[change.row];
+                let micros =
+                    published_micros(known.get(&row.id), row.updated_at.timestamp_micros());
+                let mut restamped = None;
+                if micros != row.updated_at.timestamp_micros() {
+                    metrics::counter!("orders_gateway_poller_restamped_total").increment(1);
+                    tracing::warn!(
+                        order_id = %row.id,
+                        "order's updated_at went backwards (trigger stamps now()?); published with a later stamp"
+                    );
+                    let mut o = row.clone();
+                    o.updated_at =
+                        DateTime::<Utc>::from_timestamp_micros(micros).unwrap_or(o.updated_at);
+                    restamped = Some(o);
+                }
+                let order = restamped.as_ref().unwrap_or(row);
                 let body = serde_json::to_string(&EventBody {
                     kind: change.kind,
                     previous_status: change.previous_status.as_deref(),
@@ -250,7 +265,7 @@ impl Poller {
                         fence: Some(lease.token.clone()),
                     },
                     order.id,
-                    Some(Known::of(order)),
+                    Some(Known::of(row, micros)),
                 ));
                 // A tick of thousands of rows is CPU work: let the lease
                 // renewal and the Redis connection run meanwhile.
@@ -369,10 +384,7 @@ impl Poller {
     ) -> Result<(), TickError> {
         let mut changes: HashMap<RestaurantId, FieldEdits> = HashMap::new();
         for (r, id, status, updated_at) in self.db.baseline(since).await? {
-            let k = Known {
-                status,
-                updated_at_micros: updated_at.timestamp_micros(),
-            };
+            let k = Known::new(status, updated_at.timestamp_micros());
             changes
                 .entry(RestaurantId(r))
                 .or_default()

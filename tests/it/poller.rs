@@ -132,7 +132,7 @@ async fn redis_keys(redis: &Redis, pattern: &str) -> Vec<String> {
 
 /// The instance holding the poller lock (`<epoch>:<instance_id>:<nonce>`).
 async fn leader(redis: &Redis) -> Option<(u64, String)> {
-    let token = redis_get(redis, "og:leader").await?;
+    let token = redis_get(redis, "og:{og}:leader").await?;
     let epoch = token.split(':').next()?.parse().ok()?;
     Some((epoch, Lease::holder_of(&token)?))
 }
@@ -141,7 +141,7 @@ async fn leader(redis: &Redis) -> Option<(u64, String)> {
 /// every commit is read by some later tick.
 async fn captured(redis: &Redis) {
     eventually(Duration::from_secs(10), || async {
-        redis_get(redis, "og:poll:cursor").await.map(|_| ())
+        redis_get(redis, "og:{og}:poll:cursor").await.map(|_| ())
     })
     .await
 }
@@ -287,20 +287,18 @@ async fn a_restaurant_without_dashboards_is_captured_for_its_next_dashboard() {
         .execute(&pool)
         .await
         .unwrap();
-    // Both versions of the idle restaurant's order were numbered...
+    // Both versions of the idle restaurant's order are in its history...
+    let history = format!("og:{{orders:{idle}}}:hist");
     eventually(Duration::from_secs(5), || async {
-        (redis_keys(&redis, &format!("og:dedup:{idle}:*"))
-            .await
-            .len()
-            == 2)
-            .then_some(())
+        let v = redis.cmd(&["ZCARD", &history]).await.ok()?;
+        (redis::from_redis_value::<i64>(v).ok()? == 2).then_some(())
     })
     .await;
     for ws in [&mut on_a, &mut on_b] {
         ws.silent_for(QUIET).await;
     }
     // ...and remembered.
-    let key = format!("og:poll:known:{idle}");
+    let key = format!("og:{{og}}:poll:known:{idle}");
     eventually(Duration::from_secs(5), || async {
         let v = redis
             .cmd(&["HGET", &key, &idle_order.to_string()])
@@ -350,7 +348,7 @@ async fn rows_that_existed_before_the_dashboard_are_not_replayed() {
     captured(&redis).await;
     ws.silent_for(QUIET).await;
     assert!(
-        redis_get(&redis, &format!("og:dedup:{r}:{old}@*"))
+        redis_get(&redis, &format!("og:{{orders:{r}}}:v:{old}"))
             .await
             .is_none(),
         "an old row is not published"
@@ -493,7 +491,7 @@ async fn a_new_leader_knows_every_open_order_however_quiet() {
     let seen = ev["event_id"].as_str().unwrap().to_string();
     drop(ws);
 
-    let key = format!("og:poll:known:{r}");
+    let key = format!("og:{{og}}:poll:known:{r}");
     eventually(Duration::from_secs(5), || async {
         let v = redis.cmd(&["HEXISTS", &key, &id.to_string()]).await.ok()?;
         (redis::from_redis_value::<i64>(v).ok()? == 1).then_some(())
@@ -503,7 +501,7 @@ async fn a_new_leader_knows_every_open_order_however_quiet() {
     assert_eq!(ttl, -1, "known state of an open order has no expiry");
     let member: i64 = redis::from_redis_value(
         redis
-            .cmd(&["SISMEMBER", "og:poll:restaurants", &r.to_string()])
+            .cmd(&["SISMEMBER", "og:{og}:poll:restaurants", &r.to_string()])
             .await
             .unwrap(),
     )
@@ -955,9 +953,20 @@ async fn a_later_write_stamped_earlier_by_a_foreign_trigger_is_delivered() {
     .await
     .unwrap();
     let (confirmed, paid) = older_transaction_writes_last(&db, &redis).await;
+    let id: Uuid = paid["order"]["id"].as_str().unwrap().parse().unwrap();
+    let stamped: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT updated_at FROM orders WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool().await)
+            .await
+            .unwrap();
     assert!(
-        updated_at(&paid) < updated_at(&confirmed),
-        "the newer state carries the older stamp"
+        stamped < updated_at(&confirmed),
+        "the newer state carries the older stamp in the table"
+    );
+    assert!(
+        updated_at(&paid) > updated_at(&confirmed),
+        "but is published as a newer version, so no dashboard drops it as stale"
     );
 }
 
@@ -1170,7 +1179,7 @@ async fn a_stale_lease_is_fenced_at_publish_and_save() {
     };
     let (tx, _rx) = mpsc::channel(16);
     let backend: std::sync::Arc<dyn Backend> = std::sync::Arc::new(
-        RedisBroker::start(&redis.url(), tx, limits, stop.clone())
+        RedisBroker::start(&redis.url(), "poller-test", tx, limits, stop.clone())
             .await
             .unwrap(),
     );
@@ -1214,9 +1223,13 @@ async fn a_stale_lease_is_fenced_at_publish_and_save() {
         Err(BrokerError::Fenced)
     ));
     let mut conn = redis.client().await;
+    let order_id = version.split('@').next().unwrap();
     let raw: redis::RedisResult<redis::Value> = redis::cmd("FCALL")
         .arg("og_publish")
-        .arg(0)
+        .arg(3)
+        .arg(format!("og:{{orders:{r}}}:meta"))
+        .arg(format!("og:{{orders:{r}}}:hist"))
+        .arg(format!("og:{{orders:{r}}}:v:{order_id}"))
         .arg(r.to_string())
         .arg(&version)
         .arg(&body)
@@ -1227,7 +1240,7 @@ async fn a_stale_lease_is_fenced_at_publish_and_save() {
     assert_eq!(err.code(), Some("FENCED"), "{err}");
     // The refused calls left nothing behind.
     assert!(redis_keys(&redis, &format!("og:*{r}*")).await.is_empty());
-    assert!(redis_get(&redis, "og:poll:cursor").await.is_none());
+    assert!(redis_get(&redis, "og:{og}:poll:cursor").await.is_none());
 
     // The current lease works.
     assert!(!backend.publish(publish(&new)).await.unwrap().duplicate);
@@ -1351,7 +1364,7 @@ async fn the_publish_endpoint_is_idempotent_and_deduplicated_against_the_poller(
         assert_eq!(order_id(&ev), id);
     }
     // The poller has seen it (it remembers the order) and sent nothing.
-    let known = format!("og:poll:known:{r}");
+    let known = format!("og:{{og}}:poll:known:{r}");
     eventually(Duration::from_secs(5), || async {
         let v = redis
             .cmd(&["HEXISTS", &known, &id.to_string()])
