@@ -320,11 +320,11 @@ async fn a_restaurant_without_dashboards_is_captured_for_its_next_dashboard() {
 async fn rows_that_existed_before_the_dashboard_are_not_replayed() {
     let redis = Redis::start().await;
     let db = TestDb::create().await;
-    let gw = Gateway::start(cfg(&redis, &db)).await;
     let r = Uuid::new_v4();
     let pool = db.pool().await;
-    // Old rows (long before the poller's window) and a fresh one (inside
-    // it: the poller reports it, the dashboard's snapshot already shows it).
+    // Before the poller's first start: old rows (long before its window,
+    // the baseline) and a fresh one (inside it: the poller reports it, the
+    // dashboard's snapshot already shows it).
     let old = insert_order(&pool, r, "pending", 1).await;
     let closed = insert_order(&pool, r, "completed", 1).await;
     sqlx::raw_sql(
@@ -337,6 +337,7 @@ async fn rows_that_existed_before_the_dashboard_are_not_replayed() {
     .unwrap();
     let fresh = insert_order(&pool, r, "confirmed", 2).await;
 
+    let gw = Gateway::start(cfg(&redis, &db)).await;
     let (mut ws, snapshot) = board(gw.ws_url(&format!("token={}", token(r)))).await;
     let in_snapshot: HashSet<Uuid> = snapshot["orders"]
         .as_array()
