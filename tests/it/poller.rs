@@ -1454,3 +1454,20 @@ async fn the_publish_endpoint_refuses_bad_requests() {
     .await;
     assert_api_error(s, &b, 404);
 }
+
+/// Issue 13, item 2: demo mode names its dishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_orders_name_their_dishes() {
+    let mut c = config();
+    c.demo = true;
+    let gw = Gateway::start(c).await;
+    let r = orders_gateway::demo::DEMO_RESTAURANT;
+    let (mut ws, _) = board(gw.ws_url(&format!("token={}", token(r)))).await;
+    let ev = next_event(&mut ws, Duration::from_secs(10)).await;
+    assert_eq!(ev["type"], "order_created", "{ev}");
+    let items = ev["order"]["items"].as_array().unwrap();
+    assert!(!items.is_empty(), "{ev}");
+    for item in items {
+        assert!(item["name"].as_str().is_some_and(|n| !n.is_empty()), "{ev}");
+    }
+}
