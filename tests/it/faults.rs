@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::support::{
-    Gateway, Next, Redis, TcpProxy, Ws, config, dashboard, eventually, metrics, order_json,
-    post_event, token,
+    Gateway, GatewayProcess, Next, Redis, TcpProxy, Ws, config, dashboard, eventually, get_json,
+    metrics, order_json, post_event, token,
 };
 
 /// Long enough for a reconnect plus gap-fill, far below "never".
@@ -286,4 +286,46 @@ async fn a_version_is_not_shown_twice_after_dedup_state_is_lost() {
         json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
     assert_eq!(publish(&gw, &newer).await.0, 202);
     assert_eq!(ws.event().await["order"]["order_status"], "confirmed");
+}
+
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Hole 8: presence uses Redis' clock. A replica whose clock runs 40 s
+/// behind (beyond the presence TTL) still counts its sockets cluster-wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_survives_a_replica_with_a_skewed_clock() {
+    assert!(
+        std::path::Path::new(LIBFAKETIME).exists(),
+        "libfaketime is installed (scripts/test.sh installs the faketime package)"
+    );
+    let redis = Redis::start().await;
+    let common = [
+        ("REDIS_URL", redis.url()),
+        ("PRESENCE_TTL_MS", "5000".to_string()),
+    ];
+    let mut skewed_env = common.to_vec();
+    skewed_env.extend([
+        ("LD_PRELOAD", LIBFAKETIME.to_string()),
+        ("FAKETIME", "-40s".to_string()),
+        // Timers use the monotonic clock; only wall-clock time is skewed.
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+        ("FAKETIME_NO_CACHE", "1".to_string()),
+    ]);
+    let skewed = GatewayProcess::start(&skewed_env).await;
+    let honest = GatewayProcess::start(&common).await;
+    let r = Uuid::new_v4();
+    let t = token(r);
+    let (_ws, _) = dashboard(&skewed.ws_url(&format!("token={t}"))).await;
+    // Within a few heartbeats the honest replica sees the socket, and it
+    // does not vanish between them.
+    let url = format!("http://{}/api/ws/orders/live/status", honest.addr);
+    for _ in 0..3 {
+        let status = eventually(RECOVERY, || async {
+            let (code, status) = get_json(&url, &t).await;
+            (code == 200 && status["connections"] == 1).then_some(status)
+        })
+        .await;
+        assert_eq!(status["instances"], 2, "{status}");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
 }

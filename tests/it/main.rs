@@ -9,4 +9,5 @@ mod poller;
 mod resume;
 mod startup;
 mod topology;
+mod wakeup;
 mod websocket;
