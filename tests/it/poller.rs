@@ -1018,11 +1018,15 @@ async fn ten_thousand_orders_in_one_transaction_all_arrive_once() {
 async fn a_restaurant_with_thousands_of_open_orders_gets_its_snapshot_and_events() {
     let redis = Redis::start().await;
     let db = TestDb::create().await;
-    let gw = Gateway::start(cfg(&redis, &db)).await;
     let r = Uuid::new_v4();
     let pool = db.pool().await;
+    // Open orders from before the poller's first start (and its first
+    // window): its baseline, not events.
     insert_bulk(&mut pool.acquire().await.unwrap(), r, 2_000).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let gw = Gateway::start(cfg(&redis, &db)).await;
     let (mut ws, snapshot) = board(gw.ws_url(&format!("token={}", token(r)))).await;
+    captured(&redis).await;
     assert_eq!(snapshot["orders"].as_array().unwrap().len(), 2_000);
     let id = insert_order(&pool, r, "pending", 1).await;
     let ev = next_event(&mut ws, INTERVAL + MARGIN * 2).await;
