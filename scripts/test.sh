@@ -11,6 +11,7 @@
 #   3. the Rust unit and integration tests (nextest; each Redis test starts
 #      its own redis-server, each database test its own database)
 #   4. the JavaScript client and browser tests (node --test, headless chromium)
+#   5. a 75-second chaos soak (docs/RELIABILITY.md), counted as one test
 # and ends with one line: "N passed, M failed".
 set -euo pipefail
 
@@ -84,6 +85,7 @@ tally() { passed=$((passed + $1)); failed=$((failed + $2)); }
 log "cargo fmt --check, clippy"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --locked --features soak --bin soak -- -D warnings
 
 # ------------------------------------------------------------ 2. deploy checks
 log "deploy checks"
@@ -130,6 +132,20 @@ j_pass="$(grep -E '^# pass [0-9]+' "$js_out" | tail -n1 | awk '{print $3}')"
 j_fail="$(grep -E '^# fail [0-9]+' "$js_out" | tail -n1 | awk '{print $3}')"
 tally "${j_pass:-0}" "${j_fail:-0}"
 [ "$js_rc" = 0 ] || [ "${j_fail:-0}" -gt 0 ] || tally 0 1
+
+# ------------------------------------------------------------ 5. chaos soak
+# docs/RELIABILITY.md: 3 replicas, 30 dashboards, faults every ~4 s for 75 s
+# against its own redis-server and PostgreSQL cluster; one test in the tally.
+log "chaos soak (75 s, seed ${SOAK_SEED:-7})"
+soak_rc=0
+cargo build --locked --features soak --bin soak || soak_rc=$?
+if [ "$soak_rc" = 0 ]; then
+  set +e
+  target/debug/soak --duration "${SOAK_DURATION:-75}" --settle 45 --seed "${SOAK_SEED:-7}" --own-postgres
+  soak_rc=$?
+  set -e
+fi
+if [ "$soak_rc" = 0 ]; then tally 1 0; else tally 0 1; fi
 
 echo
 echo "${passed} passed, ${failed} failed"

@@ -42,15 +42,25 @@ pub struct Findings {
     pub lines: Vec<String>,
     /// Findings per kind of the fault that preceded them.
     pub by_fault: BTreeMap<String, BTreeMap<&'static str, usize>>,
+    /// Seconds from an event's first sighting to each other delivery of it.
+    pub delays: Vec<f64>,
+    pub worst_delay: Option<String>,
 }
 
-const SHOW: usize = 25;
+/// Findings shared by several dashboards print once: (category, what) ->
+/// the dashboards, each with its own side of it.
+type Groups = BTreeMap<(u8, String), Vec<String>>;
+
+const SHOW: usize = 20;
 
 pub fn judge(dashes: &[&DashState], ledger: &Ledger, faults: &[Fault], db: &Db) -> Findings {
     let mut f = Findings::default();
 
     // Every event of each restaurant anybody saw.
     let mut known: HashMap<usize, BTreeMap<String, Known>> = HashMap::new();
+    // One event id naming two different events (ids issued again after
+    // Redis lost writes, hole 4): (restaurant, id) -> the two sightings.
+    let mut reused: BTreeMap<(usize, String), String> = BTreeMap::new();
     for d in dashes {
         for seg in &d.segments {
             for r in &seg.received {
@@ -66,6 +76,25 @@ pub fn judge(dashes: &[&DashState], ledger: &Ledger, faults: &[Fault], db: &Db) 
                     first_t: r.t,
                     first_by: d.name.clone(),
                 });
+                if (e.order, e.version) != (r.order, r.version) {
+                    reused
+                        .entry((d.restaurant, r.event_id.clone()))
+                        .or_insert_with(|| {
+                            format!(
+                                "{} order {} v={} (t={:.1}s, {}) and {} order {} v={} (t={:.1}s, {})",
+                                e.kind,
+                                e.order,
+                                e.version.map(fmt_micros).unwrap_or_else(|| "-".into()),
+                                e.first_t,
+                                e.first_by,
+                                r.kind,
+                                r.order,
+                                r.version.map(fmt_micros).unwrap_or_else(|| "-".into()),
+                                r.t,
+                                d.name
+                            )
+                        });
+                }
                 if r.t < e.first_t {
                     e.first_t = r.t;
                     e.first_by = d.name.clone();
@@ -85,18 +114,64 @@ pub fn judge(dashes: &[&DashState], ledger: &Ledger, faults: &[Fault], db: &Db) 
         });
         if a.t < e.first_t {
             e.first_t = a.t;
+            e.first_by = "order service (publish answer)".into();
         }
     }
 
-    let mut lost_lines = Vec::new();
-    let mut breach_lines = Vec::new();
-    let mut diverged_lines = Vec::new();
-
+    let mut groups: Groups = BTreeMap::new();
+    for ((r, eid), both) in reused {
+        f.dup += 1;
+        let t = known
+            .get(&r)
+            .and_then(|k| k.get(&eid))
+            .map(|e| e.first_t)
+            .unwrap_or(0.0);
+        let fault = preceding(faults, t);
+        tally(&mut f.by_fault, &fault, "dup");
+        groups
+            .entry((
+                1,
+                format!(
+                    "DUP       restaurant {r} event id {eid} issued twice: {both}; {}",
+                    fault_text(&fault, t)
+                ),
+            ))
+            .or_default()
+            .push("(id reuse)".into());
+    }
+    let mut worst = 0.0f64;
     for d in dashes {
-        // --- silent gaps
         let empty = BTreeMap::new();
         let k = known.get(&d.restaurant).unwrap_or(&empty);
-        let mut lost_here = 0;
+
+        // --- delivery delay (a deaf or stuck replica shows here first)
+        for seg in &d.segments {
+            for r in &seg.received {
+                if let Some(e) = k.get(&r.event_id) {
+                    let delay = r.t - e.first_t;
+                    f.delays.push(delay);
+                    if delay > worst {
+                        worst = delay;
+                        f.worst_delay = Some(format!(
+                            "{:.1} s: {} (restaurant {}) got {} {} at t={:.1}s, first seen \
+                             t={:.1}s by {}; on {}; {}",
+                            delay,
+                            d.name,
+                            d.restaurant,
+                            r.event_id,
+                            r.kind,
+                            r.t,
+                            e.first_t,
+                            e.first_by,
+                            socket_n(d, r.conn),
+                            fault_text(&preceding(faults, e.first_t), e.first_t)
+                        ));
+                    }
+                }
+            }
+        }
+
+        // --- silent gaps
         for seg in &d.segments {
             let Some(upper) = &seg.max_id else { continue };
             let lower = match &seg.start {
@@ -111,19 +186,17 @@ pub fn judge(dashes: &[&DashState], ledger: &Ledger, faults: &[Fault], db: &Db) 
             if &lower >= upper {
                 continue;
             }
-            for (eid, e) in k.range::<String, _>((Bound::Excluded(&lower), Bound::Included(upper))) {
+            for (eid, e) in k.range::<String, _>((Bound::Excluded(&lower), Bound::Included(upper)))
+            {
                 if seg.ids.contains(eid) {
                     continue;
                 }
                 f.lost += 1;
-                lost_here += 1;
                 let fault = preceding(faults, e.first_t);
                 tally(&mut f.by_fault, &fault, "lost");
-                lost_lines.push(format!(
-                    "LOST      {} (restaurant {}) missed {eid} {} order {} {} v={} — first seen \
-                     t={:.1}s by {}; its segment since t={:.1}s ({}, from {}) claims ({}, {}]; \
-                     it was on {}; {}",
-                    d.name,
+                let key = format!(
+                    "LOST      restaurant {} event {eid} {} order {} {} v={}, first seen t={:.1}s \
+                     by {}; {}",
                     d.restaurant,
                     e.kind,
                     e.order,
@@ -131,40 +204,44 @@ pub fn judge(dashes: &[&DashState], ledger: &Ledger, faults: &[Fault], db: &Db) 
                     e.version.map(fmt_micros).unwrap_or_else(|| "-".into()),
                     e.first_t,
                     e.first_by,
+                    fault_text(&fault, e.first_t)
+                );
+                groups.entry((0, key)).or_default().push(format!(
+                    "{}: segment since t={:.1}s ({}) claims ({lower}, {upper}]; it was on {}",
+                    d.name,
                     seg.started_t,
                     seg.how,
-                    seg.start.as_deref().unwrap_or("no cursor"),
-                    lower,
-                    upper,
-                    socket_at(d, e.first_t),
-                    fault_text(&fault, e.first_t)
+                    socket_at(d, e.first_t)
                 ));
             }
         }
-        let _ = lost_here;
 
         // --- dup / disorder
         for v in &d.violations {
             let fault = preceding(faults, v.t);
-            let (label, name) = match v.kind {
+            let (cat, label, name) = match v.kind {
                 Breach::Dup => {
                     f.dup += 1;
-                    ("DUP      ", "dup")
+                    (1, "DUP      ", "dup")
                 }
                 Breach::Disorder => {
                     f.disorder += 1;
-                    ("DISORDER ", "disorder")
+                    (2, "DISORDER ", "disorder")
                 }
             };
             tally(&mut f.by_fault, &fault, name);
-            breach_lines.push(format!(
-                "{label} {} (restaurant {}) t={:.1}s {} — on {}; {}",
-                d.name,
+            let key = format!(
+                "{label} restaurant {} {}; {}",
                 d.restaurant,
-                v.t,
                 v.what,
-                socket_n(d, v.conn),
                 fault_text(&fault, v.t)
+            );
+            groups.entry((cat, key)).or_default().push(format!(
+                "{} at t={:.1}s, {}, on {}",
+                d.name,
+                v.t,
+                v.context,
+                socket_n(d, v.conn)
             ));
         }
 
@@ -173,58 +250,72 @@ pub fn judge(dashes: &[&DashState], ledger: &Ledger, faults: &[Fault], db: &Db) 
         let diffs = diff_view(&d.view, &want);
         if !diffs.is_empty() || d.offline.is_some() {
             f.diverged += 1;
-            let last = d.conns.last();
-            let mut line = format!(
-                "DIVERGED  {} (restaurant {}) {} difference(s); now on {}{}",
-                d.name,
+            let mut key = format!(
+                "DIVERGED  restaurant {}: {} difference(s){}",
                 d.restaurant,
                 diffs.len(),
-                last.map(|c| conn_text(c)).unwrap_or_else(|| "no socket".into()),
                 d.offline
                     .as_ref()
                     .map(|o| format!("; OFFLINE: {o}"))
                     .unwrap_or_default()
             );
-            for (id, what) in diffs.iter().take(4) {
-                line.push_str(&format!("\n            order {id}: {what}"));
+            for (id, what) in diffs.iter().take(6) {
+                key.push_str(&format!("\n            order {id}: {what}"));
                 if let Some(w) = ledger.writes.get(id).and_then(|w| w.last()) {
-                    line.push_str(&format!(
-                        " (last write t={:.1}s {} v={}; {})",
+                    key.push_str(&format!(
+                        "\n              last write t={:.1}s {}{}; {}",
                         w.t,
                         w.what,
-                        fmt_micros(w.version),
+                        if w.version > 0 {
+                            format!(" v={}", fmt_micros(w.version))
+                        } else {
+                            String::new()
+                        },
                         fault_text(&preceding(faults, w.t), w.t)
                     ));
                 }
-                if let Some(r) = d
-                    .segments
-                    .iter()
-                    .flat_map(|s| s.received.iter())
-                    .filter(|r| r.order == *id)
-                    .last()
-                {
-                    line.push_str(&format!(
-                        "; last event it got: t={:.1}s {} {} {}",
-                        r.t,
-                        r.event_id,
-                        r.kind,
-                        r.status.as_deref().unwrap_or("-")
-                    ));
-                }
             }
-            diverged_lines.push(line);
+            if diffs.len() > 6 {
+                key.push_str(&format!("\n            … {} more", diffs.len() - 6));
+            }
+            let last = d.conns.last();
+            groups.entry((3, key)).or_default().push(format!(
+                "{} now on {}",
+                d.name,
+                last.map(conn_text).unwrap_or_else(|| "no socket".into())
+            ));
         }
     }
 
-    for (lines, what) in [
-        (lost_lines, "lost"),
-        (breach_lines, "dup/disorder"),
-        (diverged_lines, "diverged"),
-    ] {
-        let n = lines.len();
-        f.lines.extend(lines.into_iter().take(SHOW));
-        if n > SHOW {
-            f.lines.push(format!("          … and {} more {what}", n - SHOW));
+    let mut shown = [0usize; 4];
+    let mut hidden = [0usize; 4];
+    for ((cat, key), who) in groups {
+        let c = cat as usize;
+        if shown[c] >= SHOW {
+            hidden[c] += 1;
+            continue;
+        }
+        shown[c] += 1;
+        f.lines.push(key);
+        let names: Vec<&str> = who
+            .iter()
+            .map(|w| w.split([':', ' ']).next().unwrap_or_default())
+            .collect();
+        f.lines.push(format!(
+            "            seen by {} dashboard(s): {}",
+            who.len(),
+            names.join(" ")
+        ));
+        for w in who.iter().take(2) {
+            f.lines.push(format!("            {w}"));
+        }
+    }
+    for (c, what) in ["lost", "dup", "disorder", "diverged"].iter().enumerate() {
+        if hidden[c] > 0 {
+            f.lines.push(format!(
+                "          … and {} more {what} finding(s)",
+                hidden[c]
+            ));
         }
     }
     f
@@ -237,7 +328,11 @@ pub fn diff_view(view: &HashMap<Uuid, Shown>, want: &HashMap<Uuid, Shown>) -> Ve
         match view.get(id) {
             None => out.push((
                 *id,
-                format!("missing (database: {} v={})", w.status, fmt_micros(w.version)),
+                format!(
+                    "missing (database: {} v={})",
+                    w.status,
+                    fmt_micros(w.version)
+                ),
             )),
             Some(s) if s != w => out.push((
                 *id,
@@ -277,10 +372,11 @@ fn preceding(faults: &[Fault], t: f64) -> Option<Fault> {
 fn fault_text(f: &Option<Fault>, t: f64) -> String {
     match f {
         Some(f) => format!(
-            "after fault #{} {} at t={:.1}s ({:.1} s before; {})",
+            "after fault #{} {} at t={:.1}s–{:.1}s ({:.1} s before; {})",
             f.n,
             f.kind.name(),
             f.t,
+            f.end_t,
             t - f.t,
             f.detail
         ),

@@ -117,7 +117,10 @@ pub enum Breach {
 pub struct Violation {
     pub kind: Breach,
     pub t: f64,
+    /// The event and what is wrong with it (the same for every dashboard).
     pub what: String,
+    /// This dashboard's side: the segment it was in.
+    pub context: String,
     pub conn: u32,
 }
 
@@ -283,11 +286,7 @@ impl DashState {
                 } else if v < held {
                     breach = Some((
                         Breach::Disorder,
-                        format!(
-                            "version {} after newer {}",
-                            fmt_micros(v),
-                            fmt_micros(held)
-                        ),
+                        format!("version {} after newer {}", fmt_micros(v), fmt_micros(held)),
                     ));
                 }
             }
@@ -309,13 +308,12 @@ impl DashState {
                     kind: kind_b,
                     t: now,
                     what: format!(
-                        "{kind} {} order {id} status {} v={}: {why} (segment since t={:.1}s, {})",
+                        "{kind} {} order {id} status {} v={}: {why}",
                         receipt.event_id,
                         receipt.status.as_deref().unwrap_or("-"),
                         version.map(fmt_micros).unwrap_or_else(|| "-".into()),
-                        seg.started_t,
-                        seg.how
                     ),
+                    context: format!("segment since t={:.1}s ({})", seg.started_t, seg.how),
                     conn,
                 });
             }

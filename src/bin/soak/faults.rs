@@ -127,7 +127,8 @@ impl Injector {
             let detail = match self.inject(kind).await {
                 Ok(d) => d,
                 Err(e) => {
-                    self.errors.push(format!("t={t:.1}s {}: {e:#}", kind.name()));
+                    self.errors
+                        .push(format!("t={t:.1}s {}: {e:#}", kind.name()));
                     format!("failed: {e:#}")
                 }
             };
@@ -196,7 +197,14 @@ impl Injector {
             return (i, "leader");
         }
         let i = self.rng.random_range(0..self.replicas.len());
-        (i, if leader { "no leader found, random" } else { "" })
+        (
+            i,
+            if leader {
+                "no leader found, random"
+            } else {
+                ""
+            },
+        )
     }
 
     async fn restart(&mut self, i: usize) -> anyhow::Result<String> {

@@ -586,9 +586,7 @@ impl Replica {
     /// SIGTERM and wait for the drain to finish (SIGKILL after `limit`).
     /// Returns the exit code, if it exited on its own.
     pub async fn terminate(&mut self, limit: Duration) -> Option<i32> {
-        let Some(mut c) = self.child.take() else {
-            return None;
-        };
+        let mut c = self.child.take()?;
         signal(c.id(), "TERM");
         let deadline = tokio::time::Instant::now() + limit;
         loop {

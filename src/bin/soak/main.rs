@@ -43,7 +43,10 @@ const SECRET: &str = "soak-secret-0123456789abcdef";
 const PUBLISH_KEY: &str = "soak-publish-key-0123456789abcdef";
 
 #[derive(Parser, Debug)]
-#[command(name = "soak", about = "Chaos soak for orders-gateway (docs/RELIABILITY.md)")]
+#[command(
+    name = "soak",
+    about = "Chaos soak for orders-gateway (docs/RELIABILITY.md)"
+)]
 struct Args {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -221,7 +224,11 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         "[soak] redis 127.0.0.1:{}, PostgreSQL {} ({})",
         redis.port,
         db_url,
-        if own { "own cluster" } else { "external server" }
+        if own {
+            "own cluster"
+        } else {
+            "external server"
+        }
     );
 
     let (program, prog_args) = match &args.gateway_bin {
@@ -235,14 +242,12 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
             ("DATABASE_URL".into(), db_url.clone()),
             ("JWT_SECRET".into(), SECRET.into()),
             ("PUBLISH_API_KEY".into(), PUBLISH_KEY.into()),
-            (
-                "POLL_INTERVAL_MS".into(),
-                args.poll_interval_ms.to_string(),
-            ),
+            ("POLL_INTERVAL_MS".into(), args.poll_interval_ms.to_string()),
             ("PRESENCE_TTL_MS".into(), args.presence_ttl_ms.to_string()),
             ("HEARTBEAT_INTERVAL_MS".into(), "5000".into()),
             ("SHUTDOWN_DRAIN_MS".into(), "3000".into()),
             ("RUST_LOG".into(), args.gateway_log.clone()),
+            ("NO_COLOR".into(), "1".into()),
         ],
         log_dir: work.clone(),
     };
@@ -358,7 +363,9 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
     let mut converged_after = None;
     loop {
         injector.watch_crashes().await;
-        db = read_open_orders(&pool, &restaurants).await.unwrap_or_default();
+        db = read_open_orders(&pool, &restaurants)
+            .await
+            .unwrap_or_default();
         let behind = dashes
             .iter()
             .filter(|d| {
@@ -383,115 +390,143 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
     db = read_open_orders(&pool, &restaurants).await?;
 
     // ------------------------------------------------ judgement
-    let guards: Vec<_> = dashes.iter().map(|d| lock(d)).collect();
-    let states: Vec<&DashState> = guards.iter().map(|g| &**g).collect();
-    let ledger = lock(&ledger);
-    let findings = check::judge(&states, &ledger, &injector.faults, &db);
-    for l in &findings.lines {
-        println!("{l}");
-    }
-    if !findings.by_fault.is_empty() {
-        println!("[soak] findings by the fault that preceded them:");
-        for (k, v) in &findings.by_fault {
-            let parts: Vec<String> = v.iter().map(|(w, n)| format!("{w}={n}")).collect();
-            println!("         {k:<16} {}", parts.join(" "));
+    // In a block of its own: the dashboards' and the ledger's locks are
+    // held while judging and never across an await.
+    let ok = {
+        let guards: Vec<_> = dashes.iter().map(|d| lock(d)).collect();
+        let states: Vec<&DashState> = guards.iter().map(|g| &**g).collect();
+        let ledger = lock(&ledger);
+        let findings = check::judge(&states, &ledger, &injector.faults, &db);
+        for l in &findings.lines {
+            println!("{l}");
         }
-    }
-    for e in &injector.errors {
-        println!("[soak] fault injection error: {e}");
-    }
+        if !findings.by_fault.is_empty() {
+            println!("[soak] findings by the fault that preceded them:");
+            for (k, v) in &findings.by_fault {
+                let parts: Vec<String> = v.iter().map(|(w, n)| format!("{w}={n}")).collect();
+                println!("         {k:<16} {}", parts.join(" "));
+            }
+        }
+        for e in &injector.errors {
+            println!("[soak] fault injection error: {e}");
+        }
 
-    let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
-    for f in &injector.faults {
-        *by_kind.entry(f.kind.name()).or_default() += 1;
-    }
-    let mut sum = dashboard::Stats::default();
-    let mut closes: BTreeMap<String, u64> = BTreeMap::new();
-    for d in &states {
-        sum.deliveries += d.stats.deliveries;
-        sum.snapshots += d.stats.snapshots;
-        sum.resyncs += d.stats.resyncs;
-        sum.resumes += d.stats.resumes;
-        sum.connects += d.stats.connects;
-        sum.connect_failures += d.stats.connect_failures;
-        sum.dead_sockets += d.stats.dead_sockets;
-        for (k, v) in &d.stats.close_codes {
-            *closes.entry(k.clone()).or_default() += v;
+        let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
+        for f in &injector.faults {
+            *by_kind.entry(f.kind.name()).or_default() += 1;
         }
-    }
-    let w = &ledger.stats;
-    println!(
-        "[soak] faults ({} in {:.0} s): {}",
-        injector.faults.len(),
-        faults_end - faults_from,
-        by_kind
-            .iter()
-            .map(|(k, n)| format!("{k}={n}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    println!(
-        "[soak] writes: commits={} held_open={} item_only={} deletes={} errors={}{}; \
+        let mut sum = dashboard::Stats::default();
+        let mut closes: BTreeMap<String, u64> = BTreeMap::new();
+        for d in &states {
+            sum.deliveries += d.stats.deliveries;
+            sum.snapshots += d.stats.snapshots;
+            sum.resyncs += d.stats.resyncs;
+            sum.resumes += d.stats.resumes;
+            sum.connects += d.stats.connects;
+            sum.connect_failures += d.stats.connect_failures;
+            sum.dead_sockets += d.stats.dead_sockets;
+            for (k, v) in &d.stats.close_codes {
+                *closes.entry(k.clone()).or_default() += v;
+            }
+        }
+        let w = &ledger.stats;
+        println!(
+            "[soak] faults ({} in {:.0} s): {}",
+            injector.faults.len(),
+            faults_end - faults_from,
+            by_kind
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        println!(
+            "[soak] writes: commits={} held_open={} item_only={} deletes={} errors={}{}; \
          order service: published={} (duplicate answers {}, late {}) failed={}",
-        w.commits,
-        w.held,
-        w.item_changes,
-        w.deletes,
-        w.errors,
-        ledger
-            .last_error
-            .as_ref()
-            .map(|e| format!(" (last: {e})"))
-            .unwrap_or_default(),
-        w.published,
-        w.publish_duplicates,
-        w.publish_late,
-        w.publish_failed
-    );
-    println!(
-        "[soak] dashboards: deliveries={} snapshots={} resyncs={} resumes={} sockets={} \
+            w.commits,
+            w.held,
+            w.item_changes,
+            w.deletes,
+            w.errors,
+            ledger
+                .last_error
+                .as_ref()
+                .map(|e| format!(" (last: {e})"))
+                .unwrap_or_default(),
+            w.published,
+            w.publish_duplicates,
+            w.publish_late,
+            w.publish_failed
+        );
+        println!(
+            "[soak] dashboards: deliveries={} snapshots={} resyncs={} resumes={} sockets={} \
          connect_failures={} dead_sockets={}; endings: {}",
-        sum.deliveries,
-        sum.snapshots,
-        sum.resyncs,
-        sum.resumes,
-        sum.connects,
-        sum.connect_failures,
-        sum.dead_sockets,
-        closes
-            .iter()
-            .map(|(k, n)| format!("[{k}]={n}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    match converged_after {
-        Some(s) => println!("[soak] converged {s:.1} s after the faults stopped"),
-        None => println!(
-            "[soak] NOT converged within the {} s settle bound",
-            args.settle
-        ),
-    }
-    let crashed = injector.crashes.len();
-    let ok = findings.lost == 0
-        && findings.dup == 0
-        && findings.disorder == 0
-        && findings.diverged == 0
-        && crashed == 0;
-    println!(
-        "soak: seed={seed} duration={}s lost={} dup={} disorder={} diverged={} crashed={} \
+            sum.deliveries,
+            sum.snapshots,
+            sum.resyncs,
+            sum.resumes,
+            sum.connects,
+            sum.connect_failures,
+            sum.dead_sockets,
+            closes
+                .iter()
+                .map(|(k, n)| format!("[{k}]={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let mut delays = findings.delays.clone();
+        delays.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            delays
+                .get(((delays.len() as f64 * p) as usize).min(delays.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        println!(
+            "[soak] delivery delay after the event's first sighting: p50={:.3}s p99={:.3}s \
+         max={:.1}s; >5 s: {}",
+            pct(0.5),
+            pct(0.99),
+            delays.last().copied().unwrap_or(0.0),
+            delays.iter().filter(|d| **d > 5.0).count()
+        );
+        if let Some(w) = &findings.worst_delay {
+            println!("[soak] slowest delivery: {w}");
+        }
+        for c in &injector.crashes {
+            println!(
+                "[soak] CRASH: replica r{} ({}) exited on its own at t={:.1}s (see replica-{}.log)",
+                c.slot, c.instance, c.t, c.slot
+            );
+        }
+        match converged_after {
+            Some(s) => println!("[soak] converged {s:.1} s after the faults stopped"),
+            None => println!(
+                "[soak] NOT converged within the {} s settle bound",
+                args.settle
+            ),
+        }
+        let crashed = injector.crashes.len();
+        let ok = findings.lost == 0
+            && findings.dup == 0
+            && findings.disorder == 0
+            && findings.diverged == 0
+            && crashed == 0;
+        println!(
+            "soak: seed={seed} duration={}s lost={} dup={} disorder={} diverged={} crashed={} \
          faults={} deliveries={} -> {}",
-        args.duration,
-        findings.lost,
-        findings.dup,
-        findings.disorder,
-        findings.diverged,
-        crashed,
-        injector.faults.len(),
-        sum.deliveries,
-        if ok { "PASS" } else { "FAIL" }
-    );
-    drop(guards);
-    drop(ledger);
+            args.duration,
+            findings.lost,
+            findings.dup,
+            findings.disorder,
+            findings.diverged,
+            crashed,
+            injector.faults.len(),
+            sum.deliveries,
+            if ok { "PASS" } else { "FAIL" }
+        );
+        ok
+    };
     pool.close().await;
     drop(injector);
     if ok && !args.keep && args.work_dir.is_none() {
@@ -503,11 +538,14 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
 }
 
 /// Open orders per restaurant index, as dashboards should show them.
-async fn read_open_orders(
-    pool: &sqlx::PgPool,
-    restaurants: &[Uuid],
-) -> anyhow::Result<check::Db> {
-    type Row = (Uuid, Uuid, String, DateTime<Utc>, sqlx::types::Json<Vec<(Uuid, i64)>>);
+async fn read_open_orders(pool: &sqlx::PgPool, restaurants: &[Uuid]) -> anyhow::Result<check::Db> {
+    type Row = (
+        Uuid,
+        Uuid,
+        String,
+        DateTime<Utc>,
+        sqlx::types::Json<Vec<(Uuid, i64)>>,
+    );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT o.id, o.restaurant_id, o.order_status, o.updated_at, \
          COALESCE(json_agg(json_build_array(i.id, i.quantity)) FILTER (WHERE i.id IS NOT NULL), \
@@ -523,7 +561,9 @@ async fn read_open_orders(
         .enumerate()
         .map(|(i, r)| (*r, i))
         .collect();
-    let mut db: check::Db = (0..restaurants.len()).map(|i| (i, HashMap::new())).collect();
+    let mut db: check::Db = (0..restaurants.len())
+        .map(|i| (i, HashMap::new()))
+        .collect();
     for (id, r, status, updated_at, items) in rows {
         let mut items = items.0;
         items.sort();

@@ -21,7 +21,14 @@ use uuid::Uuid;
 use crate::Clock;
 use crate::dashboard::{fmt_micros, lock};
 
-pub const FLOW: &[&str] = &["pending", "confirmed", "preparing", "ready", "served", "completed"];
+pub const FLOW: &[&str] = &[
+    "pending",
+    "confirmed",
+    "preparing",
+    "ready",
+    "served",
+    "completed",
+];
 
 /// One committed change, for diagnostics.
 #[derive(Clone, Debug)]
@@ -40,7 +47,6 @@ pub struct Ack {
     pub order: Uuid,
     pub version: i64,
     pub kind: String,
-    pub duplicate: bool,
 }
 
 #[derive(Default)]
@@ -439,11 +445,21 @@ async fn reload(ctx: &WriterCtx, restaurant: Uuid, orders: &Orders) {
         .await;
         if let Ok(rows) = rows {
             let mut o = lock(orders);
-            let busy: Vec<Uuid> = o.iter().filter(|(_, l)| l.busy).map(|(id, _)| *id).collect();
+            let busy: Vec<Uuid> = o
+                .iter()
+                .filter(|(_, l)| l.busy)
+                .map(|(id, _)| *id)
+                .collect();
             o.retain(|_, l| l.busy);
             for (id, status) in rows {
                 if !busy.contains(&id) {
-                    o.insert(id, Local { status, busy: false });
+                    o.insert(
+                        id,
+                        Local {
+                            status,
+                            busy: false,
+                        },
+                    );
                 }
             }
             // The failed change's order is no longer busy.
@@ -455,7 +471,14 @@ async fn reload(ctx: &WriterCtx, restaurant: Uuid, orders: &Orders) {
 
 /// POST the event to a replica, retrying others (a service behind a load
 /// balancer would); the same version again is safe (idempotent).
-async fn publish_event(ctx: &WriterCtx, ri: usize, order: Uuid, version: i64, body: Value, late: bool) {
+async fn publish_event(
+    ctx: &WriterCtx,
+    ri: usize,
+    order: Uuid,
+    version: i64,
+    body: Value,
+    late: bool,
+) {
     let Ok(_permit) = ctx.publishing.clone().try_acquire_owned() else {
         lock(&ctx.ledger).stats.publish_failed += 1;
         return;
@@ -492,7 +515,6 @@ async fn publish_event(ctx: &WriterCtx, ri: usize, order: Uuid, version: i64, bo
                         order,
                         version,
                         kind: kind.clone(),
-                        duplicate,
                     });
                 }
                 return;
