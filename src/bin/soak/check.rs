@@ -17,7 +17,7 @@ use std::ops::Bound;
 use uuid::Uuid;
 
 use crate::dashboard::{Breach, DashState, Shown, fmt_micros};
-use crate::faults::Fault;
+use crate::faults::{Fault, Kind};
 use crate::writer::Ledger;
 
 /// An event some dashboard received or the order service was answered.
@@ -144,9 +144,14 @@ pub fn judge(dashes: &[&DashState], ledger: &Ledger, faults: &[Fault], db: &Db) 
         let empty = BTreeMap::new();
         let k = known.get(&d.restaurant).unwrap_or(&empty);
 
-        // --- delivery delay (a deaf or stuck replica shows here first)
+        // --- delivery delay (a deaf or stuck replica shows here first),
+        // from each event's first sighting to this dashboard's first copy
+        let mut got = std::collections::HashSet::new();
         for seg in &d.segments {
             for r in &seg.received {
+                if !got.insert(r.event_id.as_str()) {
+                    continue;
+                }
                 if let Some(e) = k.get(&r.event_id) {
                     let delay = r.t - e.first_t;
                     f.delays.push(delay);
@@ -191,8 +196,28 @@ pub fn judge(dashes: &[&DashState], ledger: &Ledger, faults: &[Fault], db: &Db) 
                 if seg.ids.contains(eid) {
                     continue;
                 }
+                // The snapshot already showed this version (or a newer one):
+                // skipping it is the seam doing its job.
+                if e.version
+                    .is_some_and(|v| seg.snapshot.get(&e.order).is_some_and(|s| *s >= v))
+                {
+                    continue;
+                }
+                // Redis forgot it (rollback/wipe) before this segment began:
+                // its id may now name another event, and the reset that
+                // began the segment is the right answer.
+                if faults.iter().any(|f| {
+                    matches!(f.kind, Kind::RedisRollback | Kind::RedisWipe)
+                        && e.first_t < f.end_t
+                        && f.t <= seg.started_t
+                }) {
+                    continue;
+                }
                 f.lost += 1;
-                let fault = preceding(faults, e.first_t);
+                // It went missing in this segment: blame the fault before
+                // the later of its first sighting and the segment's start.
+                let at = e.first_t.max(seg.started_t);
+                let fault = preceding(faults, at);
                 tally(&mut f.by_fault, &fault, "lost");
                 let key = format!(
                     "LOST      restaurant {} event {eid} {} order {} {} v={}, first seen t={:.1}s \
@@ -204,14 +229,14 @@ pub fn judge(dashes: &[&DashState], ledger: &Ledger, faults: &[Fault], db: &Db) 
                     e.version.map(fmt_micros).unwrap_or_else(|| "-".into()),
                     e.first_t,
                     e.first_by,
-                    fault_text(&fault, e.first_t)
+                    fault_short(&fault)
                 );
                 groups.entry((0, key)).or_default().push(format!(
                     "{}: segment since t={:.1}s ({}) claims ({lower}, {upper}]; it was on {}",
                     d.name,
                     seg.started_t,
                     seg.how,
-                    socket_at(d, e.first_t)
+                    socket_at(d, at)
                 ));
             }
         }
@@ -234,7 +259,7 @@ pub fn judge(dashes: &[&DashState], ledger: &Ledger, faults: &[Fault], db: &Db) 
                 "{label} restaurant {} {}; {}",
                 d.restaurant,
                 v.what,
-                fault_text(&fault, v.t)
+                fault_short(&fault)
             );
             groups.entry((cat, key)).or_default().push(format!(
                 "{} at t={:.1}s, {}, on {}",
@@ -378,6 +403,20 @@ fn fault_text(f: &Option<Fault>, t: f64) -> String {
             f.t,
             f.end_t,
             t - f.t,
+            f.detail
+        ),
+        None => "before any fault".into(),
+    }
+}
+
+fn fault_short(f: &Option<Fault>) -> String {
+    match f {
+        Some(f) => format!(
+            "after fault #{} {} at t={:.1}s–{:.1}s ({})",
+            f.n,
+            f.kind.name(),
+            f.t,
+            f.end_t,
             f.detail
         ),
         None => "before any fault".into(),

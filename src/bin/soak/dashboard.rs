@@ -90,6 +90,9 @@ pub struct Segment {
     pub ids: HashSet<String>,
     /// Newest version seen per order in this segment (snapshot included).
     pub versions: HashMap<Uuid, i64>,
+    /// The versions its snapshot showed: an event of a version the snapshot
+    /// already had is legitimately skipped (the snapshot seam).
+    pub snapshot: HashMap<Uuid, i64>,
 }
 
 /// One socket's life.
@@ -226,6 +229,7 @@ impl DashState {
                     }
                 }
                 if let Some(i) = self.current {
+                    self.segments[i].snapshot = versions.clone();
                     self.segments[i].versions = versions;
                 }
                 self.cursor = start;
@@ -253,6 +257,7 @@ impl DashState {
             received: Vec::new(),
             ids: HashSet::new(),
             versions: HashMap::new(),
+            snapshot: HashMap::new(),
         });
         self.current = Some(self.segments.len() - 1);
     }
