@@ -397,6 +397,15 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         let states: Vec<&DashState> = guards.iter().map(|g| &**g).collect();
         let ledger = lock(&ledger);
         let findings = check::judge(&states, &ledger, &injector.faults, &db);
+        for l in &findings.notes {
+            println!("{l}");
+        }
+        if findings.id_reused > 0 {
+            println!(
+                "[soak] {} event id(s) named two different events (ids issued again after Redis lost writes)",
+                findings.id_reused
+            );
+        }
         for l in &findings.lines {
             println!("{l}");
         }
