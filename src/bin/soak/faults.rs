@@ -97,6 +97,10 @@ pub struct Injector {
     pub faults: Vec<Fault>,
     pub crashes: Vec<Crash>,
     pub errors: Vec<String>,
+    /// Stretches (from, to) with no poller leader named by any replica.
+    pub leaderless: Vec<(f64, f64)>,
+    pub leaderless_since: Option<f64>,
+    pub next_leader_check: f64,
 }
 
 impl Injector {
@@ -113,6 +117,7 @@ impl Injector {
             while self.clock.t() < wake {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 self.watch_crashes().await;
+                self.watch_leader().await;
                 if self.clock.t() >= next_save {
                     // The point a rollback returns to.
                     let _ = self.redis.cmd(&["BGSAVE"]).await;
@@ -166,6 +171,40 @@ impl Injector {
                     self.errors.push(format!("restart after crash: {e:#}"));
                 }
             }
+        }
+    }
+
+    /// Once a second: does any replica name a poller leader? (Without one,
+    /// nothing committed in the database reaches anybody.)
+    pub async fn watch_leader(&mut self) {
+        let now = self.clock.t();
+        if now < self.next_leader_check {
+            return;
+        }
+        self.next_leader_check = now + 1.0;
+        let has = self.leader().await.is_some();
+        match (has, self.leaderless_since) {
+            (false, None) => self.leaderless_since = Some(now),
+            (true, Some(from)) => {
+                self.leaderless_since = None;
+                if now - from > 3.0 {
+                    println!(
+                        "[soak] t={now:7.1}s no poller leader from t={from:.1}s ({:.1} s)",
+                        now - from
+                    );
+                    self.leaderless.push((from, now));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// End of the run: close an open leaderless stretch.
+    pub fn leaderless_until(&mut self, now: f64) {
+        if let Some(from) = self.leaderless_since.take()
+            && now - from > 3.0
+        {
+            self.leaderless.push((from, now));
         }
     }
 

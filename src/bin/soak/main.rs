@@ -342,6 +342,9 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         faults: Vec::new(),
         crashes: Vec::new(),
         errors: Vec::new(),
+        leaderless: Vec::new(),
+        leaderless_since: None,
+        next_leader_check: 0.0,
     };
     let faults_from = clock.t();
     injector.run(faults_from + args.duration as f64).await;
@@ -363,6 +366,7 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
     let mut converged_after = None;
     loop {
         injector.watch_crashes().await;
+        injector.watch_leader().await;
         db = read_open_orders(&pool, &restaurants)
             .await
             .unwrap_or_default();
@@ -415,6 +419,27 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
                 let parts: Vec<String> = v.iter().map(|(w, n)| format!("{w}={n}")).collect();
                 println!("         {k:<16} {}", parts.join(" "));
             }
+        }
+        injector.leaderless_until(clock.t());
+        for (from, to) in &injector.leaderless {
+            println!(
+                "[soak] NO POLLER LEADER t={from:.1}s–{to:.1}s ({:.1} s, lease TTL {} ms); {}",
+                to - from,
+                injector.leader_ttl.as_millis(),
+                injector
+                    .faults
+                    .iter()
+                    .rev()
+                    .find(|f| f.t <= *from)
+                    .map(|f| format!(
+                        "after fault #{} {} at t={:.1}s ({})",
+                        f.n,
+                        f.kind.name(),
+                        f.t,
+                        f.detail
+                    ))
+                    .unwrap_or_else(|| "before any fault".into())
+            );
         }
         for e in &injector.errors {
             println!("[soak] fault injection error: {e}");
