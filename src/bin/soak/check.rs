@@ -56,7 +56,14 @@ type Groups = BTreeMap<(u8, String), Vec<String>>;
 
 const SHOW: usize = 20;
 
-pub fn judge(dashes: &[&DashState], ledger: &Ledger, faults: &[Fault], db: &Db) -> Findings {
+/// `end_t`: when the dashboards were stopped (end of the settle period).
+pub fn judge(
+    dashes: &[&DashState],
+    ledger: &Ledger,
+    faults: &[Fault],
+    db: &Db,
+    end_t: f64,
+) -> Findings {
     let mut f = Findings::default();
 
     // Every event of each restaurant anybody saw.
@@ -229,6 +236,46 @@ pub fn judge(dashes: &[&DashState], ledger: &Ledger, faults: &[Fault], db: &Db) 
                     seg.started_t,
                     seg.how,
                     socket_at(d, at)
+                ));
+            }
+        }
+
+        // --- silence: events of the restaurant after the last one the
+        // final segment got, sighted while that segment was in progress, that
+        // never arrived by the end of the settle period (a deaf link)
+        if let Some(seg) = d.current.map(|i| &d.segments[i]) {
+            let from = seg.max_id.clone().unwrap_or_default();
+            for (eid, e) in k.range::<String, _>((Bound::Excluded(&from), Bound::Unbounded)) {
+                if seg.ids.contains(eid)
+                    || e.first_t < seg.started_t
+                    || e.first_t > end_t - 5.0
+                    || e.version
+                        .is_some_and(|v| seg.snapshot.get(&e.order).is_some_and(|s| *s >= v))
+                {
+                    continue;
+                }
+                f.lost += 1;
+                let fault = preceding(faults, e.first_t);
+                tally(&mut f.by_fault, &fault, "lost");
+                let key = format!(
+                    "LOST      restaurant {} event {eid} {} order {} {} v={}, first seen t={:.1}s \
+                     by {}, never arrived; {}",
+                    d.restaurant,
+                    e.kind,
+                    e.order,
+                    e.status.as_deref().unwrap_or("-"),
+                    e.version.map(fmt_micros).unwrap_or_else(|| "-".into()),
+                    e.first_t,
+                    e.first_by,
+                    fault_short(&fault)
+                );
+                groups.entry((0, key)).or_default().push(format!(
+                    "{}: live segment since t={:.1}s ({}), last event received {}; it was on {}",
+                    d.name,
+                    seg.started_t,
+                    seg.how,
+                    seg.max_id.as_deref().unwrap_or("none"),
+                    socket_at(d, e.first_t)
                 ));
             }
         }

@@ -387,6 +387,7 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    let dashes_stopped = clock.t();
     dash_stop.cancel();
     for t in dash_tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
@@ -400,7 +401,7 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         let guards: Vec<_> = dashes.iter().map(|d| lock(d)).collect();
         let states: Vec<&DashState> = guards.iter().map(|g| &**g).collect();
         let ledger = lock(&ledger);
-        let findings = check::judge(&states, &ledger, &injector.faults, &db);
+        let findings = check::judge(&states, &ledger, &injector.faults, &db, dashes_stopped);
         for l in &findings.notes {
             println!("{l}");
         }
