@@ -245,38 +245,50 @@ pub fn judge(
         // never arrived by the end of the settle period (a deaf link)
         if let Some(seg) = d.current.map(|i| &d.segments[i]) {
             let from = seg.max_id.clone().unwrap_or_default();
-            for (eid, e) in k.range::<String, _>((Bound::Excluded(&from), Bound::Unbounded)) {
-                if seg.ids.contains(eid)
-                    || e.first_t < seg.started_t
-                    || e.first_t > end_t - 5.0
-                    || e.version
-                        .is_some_and(|v| seg.snapshot.get(&e.order).is_some_and(|s| *s >= v))
-                {
-                    continue;
-                }
-                f.lost += 1;
-                let fault = preceding(faults, e.first_t);
-                tally(&mut f.by_fault, &fault, "lost");
+            let missed: Vec<(&String, &Known)> = k
+                .range::<String, _>((Bound::Excluded(&from), Bound::Unbounded))
+                .filter(|(eid, e)| {
+                    !(seg.ids.contains(*eid)
+                        || e.first_t < seg.started_t
+                        || e.first_t > end_t - 5.0
+                        || e.version
+                            .is_some_and(|v| seg.snapshot.get(&e.order).is_some_and(|s| *s >= v)))
+                })
+                .collect();
+            if let (Some((first_id, first)), Some((last_id, _))) = (missed.first(), missed.last()) {
+                f.lost += missed.len();
+                // It went silent after its last receipt: blame the fault
+                // before that moment.
+                let silent_since = seg.received.last().map(|r| r.t).unwrap_or(seg.started_t);
+                let fault = preceding(faults, silent_since);
+                *f.by_fault
+                    .entry(
+                        fault
+                            .as_ref()
+                            .map(|f| f.kind.name().to_string())
+                            .unwrap_or_else(|| "(no fault yet)".into()),
+                    )
+                    .or_default()
+                    .entry("lost")
+                    .or_default() += missed.len();
                 let key = format!(
-                    "LOST      restaurant {} event {eid} {} order {} {} v={}, first seen t={:.1}s \
-                     by {}, never arrived; {}",
-                    d.restaurant,
-                    e.kind,
-                    e.order,
-                    e.status.as_deref().unwrap_or("-"),
-                    e.version.map(fmt_micros).unwrap_or_else(|| "-".into()),
-                    e.first_t,
-                    e.first_by,
-                    fault_short(&fault)
-                );
-                groups.entry((0, key)).or_default().push(format!(
-                    "{}: live segment since t={:.1}s ({}), last event received {}; it was on {}",
+                    "LOST      {} (restaurant {}): {} event(s) never arrived on a live socket — \
+                     {first_id} … {last_id}, the first {} order {} {} v={} sighted t={:.1}s by \
+                     {}; last event it received at t={silent_since:.1}s ({}); it was on {}; {}",
                     d.name,
-                    seg.started_t,
-                    seg.how,
+                    d.restaurant,
+                    missed.len(),
+                    first.kind,
+                    first.order,
+                    first.status.as_deref().unwrap_or("-"),
+                    first.version.map(fmt_micros).unwrap_or_else(|| "-".into()),
+                    first.first_t,
+                    first.first_by,
                     seg.max_id.as_deref().unwrap_or("none"),
-                    socket_at(d, e.first_t)
-                ));
+                    socket_at(d, first.first_t),
+                    fault_text(&fault, silent_since)
+                );
+                groups.entry((0, key)).or_default().push(d.name.clone());
             }
         }
 
