@@ -260,7 +260,33 @@ pub fn judge(
                 // It went silent after its last receipt: blame the fault
                 // before that moment.
                 let silent_since = seg.received.last().map(|r| r.t).unwrap_or(seg.started_t);
-                let fault = preceding(faults, silent_since);
+                let fault = preceding(faults, first.first_t);
+                // The replica it was on may have been broken long before.
+                let instance = d
+                    .conns
+                    .iter()
+                    .rev()
+                    .find(|c| c.t <= first.first_t)
+                    .map(|c| c.instance.clone())
+                    .unwrap_or_default();
+                let on_replica = faults
+                    .iter()
+                    .rev()
+                    .find(|f| {
+                        !instance.is_empty()
+                            && (f.detail.contains(&format!("{instance}:"))
+                                || f.detail.contains(&format!("{instance} ")))
+                    })
+                    .map(|f| {
+                        format!(
+                            "; last fault on {instance}: #{} {} at t={:.1}s ({})",
+                            f.n,
+                            f.kind.name(),
+                            f.t,
+                            f.detail
+                        )
+                    })
+                    .unwrap_or_default();
                 *f.by_fault
                     .entry(
                         fault
@@ -286,8 +312,8 @@ pub fn judge(
                     first.first_by,
                     seg.max_id.as_deref().unwrap_or("none"),
                     socket_at(d, first.first_t),
-                    fault_text(&fault, silent_since)
-                );
+                    fault_text(&fault, first.first_t)
+                ) + &on_replica;
                 groups.entry((0, key)).or_default().push(d.name.clone());
             }
         }
