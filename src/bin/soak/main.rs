@@ -68,6 +68,12 @@ struct Args {
     /// Order changes per second, all restaurants together.
     #[arg(long, default_value_t = 25.0)]
     rate: f64,
+    /// Share of changes to existing orders that touch only `order_items`.
+    #[arg(long, default_value_t = 0.06)]
+    item_changes: f64,
+    /// Share of changes to existing orders that delete an open order.
+    #[arg(long, default_value_t = 0.02)]
+    deletes: f64,
     /// Mean seconds between two faults.
     #[arg(long, default_value_t = 4.0)]
     fault_every: f64,
@@ -311,6 +317,8 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         rate: args.rate,
         seed,
         publishing: Arc::new(Semaphore::new(64)),
+        item_changes: args.item_changes.clamp(0.0, 0.5),
+        deletes: args.deletes.clamp(0.0, 0.3),
     });
     let writer_tasks: Vec<_> = (0..args.restaurants)
         .map(|ri| tokio::spawn(writer::run(ri, wctx.clone())))

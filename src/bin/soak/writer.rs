@@ -85,6 +85,10 @@ pub struct WriterCtx {
     pub seed: u64,
     /// Bounds publishes in flight.
     pub publishing: Arc<Semaphore>,
+    /// Share of changes to an existing order that touch only its items.
+    pub item_changes: f64,
+    /// Share of changes to an existing order that delete it.
+    pub deletes: f64,
 }
 
 #[derive(Clone)]
@@ -144,11 +148,12 @@ pub async fn run(ri: usize, ctx: Arc<WriterCtx>) {
         } else {
             let (id, status) = idle[rng.random_range(0..idle.len())].clone();
             let r: f64 = rng.random();
-            if r < 0.06 {
+            let (items, deletes) = (ctx.item_changes, ctx.item_changes + ctx.deletes);
+            if r < items {
                 Change::Items { id }
-            } else if r < 0.08 {
+            } else if r < deletes {
                 Change::Delete { id }
-            } else if r < 0.18 {
+            } else if r < deletes + 0.10 {
                 Change::Update {
                     id,
                     minutes: rng.random_range(5..60),
