@@ -87,7 +87,6 @@ tally() { passed=$((passed + $1)); failed=$((failed + $2)); }
 log "cargo fmt --check, clippy"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo clippy --locked --features soak --bin soak -- -D warnings
 
 # ------------------------------------------------------------ 2. deploy checks
 log "deploy checks"
@@ -140,7 +139,7 @@ tally "${j_pass:-0}" "${j_fail:-0}"
 # against its own redis-server and PostgreSQL cluster; one test in the tally.
 log "chaos soak (75 s, seed ${SOAK_SEED:-7})"
 soak_rc=0
-cargo build --locked --features soak --bin soak || soak_rc=$?
+cargo build --locked --bin soak || soak_rc=$?
 if [ "$soak_rc" = 0 ]; then
   set +e
   target/debug/soak --duration "${SOAK_DURATION:-75}" --settle 45 --seed "${SOAK_SEED:-7}" --own-postgres

@@ -3,6 +3,7 @@
 
 mod api;
 mod error;
+pub mod server;
 mod ws;
 
 use std::collections::HashMap;

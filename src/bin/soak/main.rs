@@ -1,7 +1,7 @@
 //! `soak`: the chaos soak of docs/RELIABILITY.md.
 //!
 //! ```text
-//! cargo run --release --features soak --bin soak -- --duration 600 --seed 1
+//! cargo run --release --bin soak -- --duration 600 --seed 1
 //! ```
 //!
 //! Starts its own redis-server, a throwaway PostgreSQL database, N gateway
