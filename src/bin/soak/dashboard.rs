@@ -287,7 +287,17 @@ impl DashState {
             let mut breach: Option<(Breach, String)> = None;
             if let (Some(v), Some(&held)) = (version, seg.versions.get(&id)) {
                 if v == held {
-                    breach = Some((Breach::Dup, format!("version {} again", fmt_micros(v))));
+                    let before = seg
+                        .received
+                        .iter()
+                        .rev()
+                        .find(|r| r.order == id && r.version == Some(v))
+                        .map(|r| format!("event {} {} at t={:.1}s", r.event_id, r.kind, r.t))
+                        .unwrap_or_else(|| "the segment's snapshot".into());
+                    breach = Some((
+                        Breach::Dup,
+                        format!("version {} again (first: {before})", fmt_micros(v)),
+                    ));
                 } else if v < held {
                     breach = Some((
                         Breach::Disorder,
