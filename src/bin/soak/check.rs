@@ -47,6 +47,8 @@ pub struct Findings {
     pub worst_delay: Option<String>,
     /// Event ids that named two different events (Redis lost writes).
     pub id_reused: usize,
+    /// Snapshot versions shown again after a resume elsewhere (not counted).
+    pub reseen: usize,
     pub notes: Vec<String>,
 }
 
@@ -330,6 +332,10 @@ pub fn judge(
                     f.disorder += 1;
                     (2, "DISORDER ", "disorder")
                 }
+                Breach::Reseen => {
+                    f.reseen += 1;
+                    (4, "RESEEN   ", "reseen (not counted)")
+                }
             };
             tally(&mut f.by_fault, &fault, name);
             let key = format!(
@@ -389,8 +395,8 @@ pub fn judge(
         }
     }
 
-    let mut shown = [0usize; 4];
-    let mut hidden = [0usize; 4];
+    let mut shown = [0usize; 5];
+    let mut hidden = [0usize; 5];
     for ((cat, key), who) in groups {
         let c = cat as usize;
         if shown[c] >= SHOW {
@@ -412,7 +418,10 @@ pub fn judge(
             f.lines.push(format!("            {w}"));
         }
     }
-    for (c, what) in ["lost", "dup", "disorder", "diverged"].iter().enumerate() {
+    for (c, what) in ["lost", "dup", "disorder", "diverged", "reseen"]
+        .iter()
+        .enumerate()
+    {
         if hidden[c] > 0 {
             f.lines.push(format!(
                 "          … and {} more {what} finding(s)",

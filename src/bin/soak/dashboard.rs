@@ -93,6 +93,8 @@ pub struct Segment {
     /// The versions its snapshot showed: an event of a version the snapshot
     /// already had is legitimately skipped (the snapshot seam).
     pub snapshot: HashMap<Uuid, i64>,
+    /// The socket the snapshot came on.
+    pub snapshot_conn: u32,
 }
 
 /// One socket's life.
@@ -112,6 +114,11 @@ pub struct Conn {
 pub enum Breach {
     /// The same version (or the same event id) twice in one segment.
     Dup,
+    /// A version the segment's snapshot showed, again after a resume on
+    /// another socket: that replica cannot know the snapshot (the contract
+    /// leaves it to the client, which drops an equal version). Reported,
+    /// not counted.
+    Reseen,
     /// An older version after a newer one, or event ids out of order.
     Disorder,
 }
@@ -258,6 +265,7 @@ impl DashState {
             ids: HashSet::new(),
             versions: HashMap::new(),
             snapshot: HashMap::new(),
+            snapshot_conn: self.conn_no(),
         });
         self.current = Some(self.segments.len() - 1);
     }
@@ -292,11 +300,25 @@ impl DashState {
                         .iter()
                         .rev()
                         .find(|r| r.order == id && r.version == Some(v))
-                        .map(|r| format!("event {} {} at t={:.1}s", r.event_id, r.kind, r.t))
-                        .unwrap_or_else(|| "the segment's snapshot".into());
+                        .map(|r| format!("event {} {} at t={:.1}s", r.event_id, r.kind, r.t));
+                    let kind_b = if before.is_none()
+                        && seg.snapshot.get(&id) == Some(&v)
+                        && seg.snapshot_conn != conn
+                    {
+                        Breach::Reseen
+                    } else {
+                        Breach::Dup
+                    };
                     breach = Some((
-                        Breach::Dup,
-                        format!("version {} again (first: {before})", fmt_micros(v)),
+                        kind_b,
+                        format!(
+                            "version {} again (first: {})",
+                            fmt_micros(v),
+                            before.unwrap_or_else(|| format!(
+                                "the segment's snapshot, on socket #{}",
+                                seg.snapshot_conn
+                            ))
+                        ),
                     ));
                 } else if v < held {
                     breach = Some((

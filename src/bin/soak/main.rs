@@ -517,6 +517,13 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
+        if findings.reseen > 0 {
+            println!(
+                "[soak] reseen={} (not counted): a version its snapshot showed, sent again after \
+             the dashboard resumed on another socket; the JS client drops it",
+                findings.reseen
+            );
+        }
         let mut delays = findings.delays.clone();
         delays.sort_by(f64::total_cmp);
         let pct = |p: f64| {
