@@ -4,14 +4,18 @@
 #   scripts/test.sh
 #
 # Installs what is missing (redis-server, PostgreSQL binaries, nginx, node,
-# chromium — Debian packages, as root), starts a throwaway PostgreSQL of its
+# chromium, python3-venv — Debian packages, as root; npm packages from
+# clients/js/package-lock.json; PyPI packages into .venv-deploy/ and .venv-api/), starts a throwaway PostgreSQL of its
 # own on a free port (unless TEST_DATABASE_URL is set), then runs:
 #   1. cargo fmt --check and clippy -D warnings
 #   2. the deploy checks (Dockerfile, compose, Helm, nginx, alerts)
 #   3. the Rust unit and integration tests (nextest; each Redis test starts
 #      its own redis-server, each database test its own database)
-#   4. the JavaScript client and browser tests (node --test, headless chromium)
-#   5. a 75-second chaos soak (docs/RELIABILITY.md), counted as one test
+#   4. the HTTP API against docs/openapi.json (validator, router paths,
+#      Schemathesis against a live gateway; scripts/check-api.sh)
+#   5. the JavaScript client, package and browser tests, the AsyncAPI
+#      document (node --test, tsc, headless chromium)
+#   6. a 75-second chaos soak (docs/RELIABILITY.md), counted as one test
 # and ends with one line: "N passed, M failed".
 set -euo pipefail
 
@@ -122,7 +126,20 @@ set -e
 tally "${r_pass:-0}" "${r_fail:-0}"
 [ "$rust_rc" = 0 ] || [ "${r_fail:-0}" -gt 0 ] || tally 0 1
 
-# ------------------------------------------------------------ 4. JavaScript
+# ------------------------------------------------------------ 4. HTTP API document
+log "OpenAPI document and Schemathesis against a live gateway"
+api_out="$(mktemp)"
+set +e
+GATEWAY_BIN="$repo/target/debug/orders-gateway" bash scripts/check-api.sh 2>&1 | tee "$api_out"
+api_rc=${PIPESTATUS[0]}
+set -e
+line="$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$api_out" | tail -n1 || true)"
+if [ -n "$line" ]; then
+  tally "$(echo "$line" | sed -E 's/^([0-9]+) passed.*/\1/')" "$(echo "$line" | sed -E 's/^[0-9]+ passed, ([0-9]+) failed.*/\1/')"
+fi
+[ "$api_rc" = 0 ] || { [ -n "$line" ] || tally 0 1; }
+
+# ------------------------------------------------------------ 5. JavaScript
 log "JavaScript client and browser tests"
 js_out="$(mktemp)"
 set +e
@@ -134,7 +151,7 @@ j_fail="$(grep -E '^# fail [0-9]+' "$js_out" | tail -n1 | awk '{print $3}')"
 tally "${j_pass:-0}" "${j_fail:-0}"
 [ "$js_rc" = 0 ] || [ "${j_fail:-0}" -gt 0 ] || tally 0 1
 
-# ------------------------------------------------------------ 5. chaos soak
+# ------------------------------------------------------------ 6. chaos soak
 # docs/RELIABILITY.md: 3 replicas, 30 dashboards, faults every ~4 s for 75 s
 # against its own redis-server and PostgreSQL cluster; one test in the tally.
 log "chaos soak (75 s, seed ${SOAK_SEED:-7})"
