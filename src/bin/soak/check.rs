@@ -29,6 +29,8 @@ pub struct Known {
     pub status: Option<String>,
     pub first_t: f64,
     pub first_by: String,
+    /// Earliest moment it may have been numbered (a publish's send time).
+    pub born_t: f64,
 }
 
 pub type Db = HashMap<usize, HashMap<Uuid, Shown>>;
@@ -87,6 +89,7 @@ pub fn judge(
                     status: r.status.clone(),
                     first_t: r.t,
                     first_by: d.name.clone(),
+                    born_t: r.t,
                 });
                 if (e.order, e.version) != (r.order, r.version) {
                     reused
@@ -123,7 +126,9 @@ pub fn judge(
             status: None,
             first_t: a.t,
             first_by: "order service (publish answer)".into(),
+            born_t: a.sent_t,
         });
+        e.born_t = e.born_t.min(a.sent_t);
         if a.t < e.first_t {
             e.first_t = a.t;
             e.first_by = "order service (publish answer)".into();
@@ -209,7 +214,7 @@ pub fn judge(
                 // began the segment is the right answer.
                 if faults.iter().any(|f| {
                     matches!(f.kind, Kind::RedisRollback | Kind::RedisWipe)
-                        && e.first_t < f.end_t
+                        && e.born_t.min(e.first_t) < f.end_t
                         && f.t <= seg.started_t
                 }) {
                     continue;

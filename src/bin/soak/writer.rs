@@ -42,6 +42,9 @@ pub struct Write {
 #[derive(Clone, Debug)]
 pub struct Ack {
     pub t: f64,
+    /// When the answered request was sent: the event was numbered between
+    /// this and `t`.
+    pub sent_t: f64,
     pub restaurant: usize,
     pub event_id: String,
     pub order: Uuid,
@@ -491,6 +494,7 @@ async fn publish_event(
     let kind = body["type"].as_str().unwrap_or_default().to_string();
     for attempt in 0..5usize {
         let slot = (order.as_u128() as usize + attempt) % ctx.replicas.len();
+        let sent_t = ctx.clock.t();
         let resp = ctx
             .http
             .post(format!("http://{}/api/orders/events", ctx.replicas[slot]))
@@ -515,6 +519,7 @@ async fn publish_event(
                 if let Some(eid) = v["event_id"].as_str() {
                     l.acks.push(Ack {
                         t: ctx.clock.t(),
+                        sent_t,
                         restaurant: ri,
                         event_id: eid.to_string(),
                         order,
