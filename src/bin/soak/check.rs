@@ -125,13 +125,21 @@ pub fn judge(
             version: Some(a.version),
             status: None,
             first_t: a.t,
-            first_by: "order service (publish answer)".into(),
+            first_by: format!(
+                "order service ({} to a publish sent t={:.1}s)",
+                if a.duplicate {
+                    "200 duplicate answer"
+                } else {
+                    "202 answer"
+                },
+                a.sent_t
+            ),
             born_t: a.sent_t,
         });
         e.born_t = e.born_t.min(a.sent_t);
         if a.t < e.first_t {
             e.first_t = a.t;
-            e.first_by = "order service (publish answer)".into();
+            e.first_by = format!("order service (publish sent t={:.1}s)", a.sent_t);
         }
     }
 

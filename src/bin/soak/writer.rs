@@ -50,6 +50,8 @@ pub struct Ack {
     pub order: Uuid,
     pub version: i64,
     pub kind: String,
+    /// Answered 200 `duplicate: true` (the id is that of an earlier event).
+    pub duplicate: bool,
 }
 
 #[derive(Default)]
@@ -525,6 +527,7 @@ async fn publish_event(
                         order,
                         version,
                         kind: kind.clone(),
+                        duplicate,
                     });
                 }
                 return;
