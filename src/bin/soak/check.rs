@@ -217,6 +217,17 @@ pub fn judge(
                 {
                     continue;
                 }
+                // A version this dashboard already had in this segment, sent
+                // again under a new id (Redis lost its dedup state): the
+                // replica suppresses the repeat, which is the promise ("never
+                // the same version twice"), not a loss. (This also hides the
+                // loss of an intermediate version later overtaken by a newer
+                // one in the same segment: the board still converges.)
+                if e.version
+                    .is_some_and(|v| seg.versions.get(&e.order).is_some_and(|s| *s >= v))
+                {
+                    continue;
+                }
                 // Redis forgot it (rollback/wipe) before this segment began:
                 // its id may now name another event, and the reset that
                 // began the segment is the right answer.
