@@ -21,7 +21,7 @@ use crate::auth::{OriginPolicy, Verifier};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::{Backend, INBOUND_CAPACITY};
-use crate::config::Config;
+use crate::config::{Config, RedisMode};
 use crate::db::Database;
 use crate::demo::Demo;
 use crate::domain::SnapshotSource;
@@ -74,12 +74,16 @@ impl App {
             .with_context(|| format!("BIND_ADDR: cannot listen on {}", config.bind_addr))?;
         let background = CancellationToken::new();
         let (inbound_tx, inbound) = mpsc::channel(INBOUND_CAPACITY);
-        let backend: Arc<dyn Backend> = match &config.redis_url {
-            Some(url) => Arc::new(
-                RedisBroker::start(url, inbound_tx, config.history_limits(), background.clone())
+        let limits = config.history_limits();
+        let backend: Arc<dyn Backend> = match config.redis_mode() {
+            Some(RedisMode::Single(url)) => Arc::new(
+                RedisBroker::start(&url, inbound_tx, limits, background.clone())
                     .await
                     .context("REDIS_URL")?,
             ),
+            Some(RedisMode::Sentinel { .. }) | Some(RedisMode::Cluster(_)) => {
+                anyhow::bail!("not yet")
+            }
             None => {
                 tracing::warn!(
                     "REDIS_URL is unset: embedded in-memory broker. This replica cannot share \
@@ -134,7 +138,7 @@ impl App {
             origins: OriginPolicy::new(config.allowed_origins()),
             publish_api_key: config.publish_api_key.as_deref().map(Arc::from),
             poll_interval_ms: config.poll_interval_ms,
-            redis_configured: config.redis_url.is_some(),
+            redis_configured: config.redis_mode().is_some(),
             database_configured: config.database_url.is_some(),
             draining: Arc::new(AtomicBool::new(false)),
             prometheus: prometheus(),

@@ -7,8 +7,10 @@
 //! in `tests/it/broker_conformance.rs` runs against both. A broker never
 //! knows sockets exist: it hands received payloads to an [`Inbound`] queue.
 
+pub mod cluster;
 pub mod memory;
 pub mod redis;
+pub mod sentinel;
 
 use std::collections::HashMap;
 use std::time::Duration;

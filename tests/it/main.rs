@@ -1,6 +1,8 @@
 //! Integration tests: one binary, real redis-server and PostgreSQL.
 mod support;
 
+mod ha;
+
 mod auth;
 mod broker_conformance;
 mod cluster;
