@@ -240,8 +240,19 @@ impl Config {
     }
 
     /// At most one Redis mode, every URL parseable, a sentinel master name
-    /// exactly when there are sentinels.
-    fn validate_redis(&self) -> Result<(), ConfigError> {
+    /// exactly when there are sentinels. An empty variable counts as unset
+    /// (so an override file can switch modes).
+    fn validate_redis(&mut self) -> Result<(), ConfigError> {
+        for v in [
+            &mut self.redis_url,
+            &mut self.redis_cluster_urls,
+            &mut self.redis_sentinel_urls,
+            &mut self.redis_sentinel_master,
+        ] {
+            if v.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                *v = None;
+            }
+        }
         let set = [
             ("REDIS_URL", self.redis_url.is_some()),
             ("REDIS_CLUSTER_URLS", self.redis_cluster_urls.is_some()),
