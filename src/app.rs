@@ -18,8 +18,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::auth::{OriginPolicy, Verifier};
+use crate::broker::cluster::ClusterBroker;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
+use crate::broker::sentinel::Sentinels;
 use crate::broker::{Backend, INBOUND_CAPACITY};
 use crate::config::{Config, RedisMode};
 use crate::db::Database;
@@ -75,15 +77,32 @@ impl App {
         let background = CancellationToken::new();
         let (inbound_tx, inbound) = mpsc::channel(INBOUND_CAPACITY);
         let limits = config.history_limits();
+        let instance_id = config.instance_id().to_string();
         let backend: Arc<dyn Backend> = match config.redis_mode() {
             Some(RedisMode::Single(url)) => Arc::new(
-                RedisBroker::start(&url, inbound_tx, limits, background.clone())
+                RedisBroker::start(&url, &instance_id, inbound_tx, limits, background.clone())
                     .await
                     .context("REDIS_URL")?,
             ),
-            Some(RedisMode::Sentinel { .. }) | Some(RedisMode::Cluster(_)) => {
-                anyhow::bail!("not yet")
-            }
+            Some(RedisMode::Sentinel { sentinels, master }) => Arc::new(
+                RedisBroker::start_sentinel(
+                    Sentinels {
+                        urls: sentinels,
+                        master,
+                    },
+                    &instance_id,
+                    inbound_tx,
+                    limits,
+                    background.clone(),
+                )
+                .await
+                .context("REDIS_SENTINEL_URLS")?,
+            ),
+            Some(RedisMode::Cluster(seeds)) => Arc::new(
+                ClusterBroker::start(&seeds, &instance_id, inbound_tx, limits, background.clone())
+                    .await
+                    .context("REDIS_CLUSTER_URLS")?,
+            ),
             None => {
                 tracing::warn!(
                     "REDIS_URL is unset: embedded in-memory broker. This replica cannot share \
@@ -92,7 +111,6 @@ impl App {
                 Arc::new(MemoryBroker::new(inbound_tx, config.history_limits()))
             }
         };
-        let instance_id = config.instance_id().to_string();
         let hub = Hub::new(
             config.max_connections,
             config.max_connections_per_restaurant,

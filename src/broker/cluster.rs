@@ -16,10 +16,11 @@
 //! dashboards to resync.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use futures_util::future::join_all;
 use redis::cluster::ClusterClientBuilder;
@@ -28,8 +29,18 @@ use redis::{FromRedisValue, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::{BrokerError, Inbound, backoff};
-use crate::domain::RestaurantId;
+use uuid::Uuid;
+
+use super::redis::{
+    ACTIVE, INSTANCES, LEADER_EPOCH_KEY, LEADER_KEY, POLL_CURSOR_KEY, POLL_LAST_KEY, conns_key,
+    library, poll_known_key, restaurant_key,
+};
+use super::{
+    Broker, BrokerError, Cluster, ConnectionRecord, Cursor, History, Inbound, Lease, PollerState,
+    PollerStateDelta, PublishRequest, Published, backoff,
+};
+use crate::config::HistoryLimits;
+use crate::domain::{EventId, RestaurantId};
 
 /// Any single Redis round trip taking longer than this counts as Redis
 /// being unavailable.
@@ -88,6 +99,16 @@ struct Shared {
     overflowed: AtomicBool,
     /// Wakes the restorer for a resubscription.
     disrupted: Notify,
+    /// Counts disruptions; a restore that began at generation g ends the
+    /// gap only if no disruption came after it.
+    generation: AtomicU64,
+    /// Between a disruption and the restore that follows it, live messages
+    /// are dropped: once the node has dispatched a later event its position
+    /// moves past the hole, and gap-filling from that position would miss
+    /// what the hole swallowed (the crate re-subscribes by itself after a
+    /// reconnect, so live messages resume before we know the hole's end).
+    /// Everything dropped is in history and comes back by gap-fill.
+    gap: AtomicBool,
     /// A resubscription is under way: some channels may be deaf (readiness).
     restoring: AtomicBool,
     /// The liveness probes: one channel per primary (a name that hashes
@@ -109,6 +130,13 @@ struct ProbeState {
 impl Shared {
     fn wanted(&self) -> std::sync::MutexGuard<'_, HashSet<RestaurantId>> {
         self.wanted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Something may have cost us messages: stop live delivery until the
+    /// restorer has resubscribed and the node has gap-filled.
+    fn disrupt(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.gap.store(true, Ordering::Release);
+        self.disrupted.notify_one();
     }
     fn probes(&self) -> std::sync::MutexGuard<'_, HashMap<String, ProbeState>> {
         self.probes.lock().unwrap_or_else(|p| p.into_inner())
@@ -141,6 +169,8 @@ impl ShardedPubSub {
             overflowed: AtomicBool::new(false),
             disrupted: Notify::new(),
             restoring: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            gap: AtomicBool::new(false),
             probes: Mutex::new(HashMap::new()),
             link_up: AtomicBool::new(true),
         });
@@ -152,7 +182,8 @@ impl ShardedPubSub {
                 if push_tx.try_send(info).is_err()
                     && !shared.overflowed.swap(true, Ordering::AcqRel)
                 {
-                    shared.disrupted.notify_one();
+                    metrics::counter!("orders_gateway_redis_push_overflows_total").increment(1);
+                    shared.disrupt();
                 }
                 Ok(())
             }
@@ -170,16 +201,18 @@ impl ShardedPubSub {
             .map_err(|_| unavailable("Redis Cluster: connect timed out"))?
             .map_err(unavailable)?;
         let me = ShardedPubSub { conn, shared };
+        let (restored_tx, restored_rx) = mpsc::channel(4);
         tokio::spawn(receive(
             me.shared.clone(),
             push_rx,
-            inbound.clone(),
+            restored_rx,
+            inbound,
             shutdown.clone(),
         ));
         tokio::spawn(restorer(
             me.conn.clone(),
             me.shared.clone(),
-            inbound,
+            restored_tx,
             shutdown.clone(),
         ));
         tokio::spawn(prober(
@@ -284,18 +317,36 @@ async fn slot_owners(conn: &ClusterConnection) -> Option<Vec<(i64, i64, String)>
 async fn receive(
     shared: Arc<Shared>,
     mut pushes: mpsc::Receiver<PushInfo>,
+    mut restored: mpsc::Receiver<u64>,
     inbound: mpsc::Sender<Inbound>,
     shutdown: CancellationToken,
 ) {
     loop {
         let push = tokio::select! {
             _ = shutdown.cancelled() => return,
+            g = restored.recv() => {
+                let Some(g) = g else { return };
+                // Sent from this task, in order with the messages: what
+                // was dropped before is read from history by the node,
+                // what is forwarded after was received after the restore.
+                if inbound.send(Inbound::Resubscribed).await.is_err() {
+                    return;
+                }
+                if shared.generation.load(Ordering::Acquire) == g {
+                    shared.gap.store(false, Ordering::Release);
+                }
+                continue;
+            }
             p = pushes.recv() => p,
         };
         let Some(push) = push else { return };
         match push.kind {
             PushKind::SMessage | PushKind::Message => {
                 if heard_probe(&shared, &push.data) {
+                    continue;
+                }
+                if shared.gap.load(Ordering::Acquire) {
+                    metrics::counter!("orders_gateway_redis_gap_dropped_total").increment(1);
                     continue;
                 }
                 if let Some(event) = event_of(push.data)
@@ -317,12 +368,12 @@ async fn receive(
                     || shared.probes().contains_key(&channel);
                 if still_wanted {
                     tracing::warn!(channel, "Redis Cluster moved a subscribed slot away");
-                    shared.disrupted.notify_one();
+                    shared.disrupt();
                 }
             }
             PushKind::Disconnection => {
                 tracing::warn!("Redis Cluster: a node connection dropped");
-                shared.disrupted.notify_one();
+                shared.disrupt();
             }
             _ => {}
         }
@@ -380,7 +431,7 @@ async fn prober(
         {
             if owners.is_some() {
                 tracing::warn!("Redis Cluster topology changed; restoring subscriptions");
-                shared.disrupted.notify_one();
+                shared.disrupt();
             }
             let channels = probe_channels(&prefix, &now);
             {
@@ -424,7 +475,7 @@ async fn prober(
                 p.waiting_since = None;
                 p.heard = p.sent;
             }
-            shared.disrupted.notify_one();
+            shared.disrupt();
         }
         let sends: Vec<(String, u64)> = shared
             .probes()
@@ -478,12 +529,12 @@ fn probe_channels(prefix: &str, owners: &[(i64, i64, String)]) -> HashSet<String
 }
 
 /// On every disruption: resubscribe everything where it lives now, then
-/// tell the node to gap-fill. A disruption during a restore (the `Notify`
+/// have the receiver tell the node to gap-fill. A disruption during a restore (the `Notify`
 /// keeps one permit) triggers one more.
 async fn restorer(
     conn: ClusterConnection,
     shared: Arc<Shared>,
-    inbound: mpsc::Sender<Inbound>,
+    restored: mpsc::Sender<u64>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -491,6 +542,7 @@ async fn restorer(
             _ = shutdown.cancelled() => return,
             _ = shared.disrupted.notified() => {}
         }
+        let generation = shared.generation.load(Ordering::Acquire);
         shared.restoring.store(true, Ordering::Relaxed);
         metrics::gauge!("orders_gateway_redis_up").set(0.0);
         // Give the cluster a moment to settle (a failover announces itself
@@ -502,7 +554,7 @@ async fn restorer(
         shared.restoring.store(false, Ordering::Relaxed);
         metrics::gauge!("orders_gateway_redis_up").set(1.0);
         metrics::counter!("orders_gateway_redis_reconnects_total").increment(1);
-        if inbound.send(Inbound::Resubscribed).await.is_err() {
+        if restored.send(generation).await.is_err() {
             return;
         }
     }
@@ -550,6 +602,479 @@ fn event_of(data: Vec<Value>) -> Option<Inbound> {
         restaurant,
         payload: Utf8Bytes::from(payload),
     })
+}
+
+// ---------------------------------------------------------------- the broker
+
+/// The Redis Cluster broker: [`ShardedPubSub`] for receiving, the cluster
+/// connection for commands, the function library on every primary.
+pub struct ClusterBroker {
+    pubsub: ShardedPubSub,
+    library: String,
+    /// Redis time minus local time, in ms (presence uses Redis' clock).
+    clock_offset_ms: AtomicI64,
+}
+
+impl ClusterBroker {
+    /// Connect through the seeds and start receiving. Unlike the single-node
+    /// broker this needs the cluster reachable at start (the slot map comes
+    /// from it); a later outage is survived like any failover.
+    pub async fn start(
+        seeds: &[String],
+        instance_id: &str,
+        inbound: mpsc::Sender<Inbound>,
+        limits: HistoryLimits,
+        shutdown: CancellationToken,
+    ) -> Result<ClusterBroker, BrokerError> {
+        let pubsub = ShardedPubSub::connect(seeds, instance_id, inbound, shutdown).await?;
+        let broker = ClusterBroker {
+            pubsub,
+            library: library(limits, "SPUBLISH"),
+            clock_offset_ms: AtomicI64::new(0),
+        };
+        if let Err(e) = broker.install().await {
+            tracing::warn!(error = %e, "could not install Redis functions yet; will retry on first use");
+        }
+        let _ = broker.sync_clock().await;
+        Ok(broker)
+    }
+
+    /// Load the function library on every primary (the cluster connection
+    /// sends `FUNCTION LOAD` to all of them). Replicas receive it through
+    /// replication, so a promoted replica has it; a new or emptied primary
+    /// is caught by "function not found" on first use.
+    pub async fn install(&self) -> Result<(), BrokerError> {
+        let mut conn = self.pubsub.conn();
+        timed(
+            redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(&self.library)
+                .query_async::<Value>(&mut conn),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    fn now_ms(&self) -> i64 {
+        chrono::Utc::now().timestamp_millis() + self.clock_offset_ms.load(Ordering::Relaxed)
+    }
+
+    async fn sync_clock(&self) -> Result<(), BrokerError> {
+        let before = chrono::Utc::now().timestamp_millis();
+        let mut conn = self.pubsub.conn();
+        let (secs, micros): (i64, i64) = timed(redis::cmd("TIME").query_async(&mut conn)).await?;
+        let after = chrono::Utc::now().timestamp_millis();
+        self.clock_offset_ms.store(
+            secs * 1000 + micros / 1000 - (before + after) / 2,
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    async fn fcall<T: FromRedisValue>(
+        &self,
+        name: &str,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<T, BrokerError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(name).arg(keys.len());
+        for k in keys {
+            cmd.arg(*k);
+        }
+        for a in args {
+            cmd.arg(*a);
+        }
+        for attempt in 0..2 {
+            let mut conn = self.pubsub.conn();
+            match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<T>(&mut conn)).await {
+                Err(_) => return Err(unavailable("Redis command timed out")),
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if e.code() == Some("FENCED") => return Err(BrokerError::Fenced),
+                Ok(Err(e)) if attempt == 0 && e.to_string().contains("Function not found") => {
+                    // A primary without the library (new node, restarted
+                    // without persistence): load everywhere and retry.
+                    self.install().await?;
+                }
+                Ok(Err(e)) if e.code().is_some() && !e.is_io_error() && !is_transient(&e) => {
+                    return Err(BrokerError::Rejected(e.to_string()));
+                }
+                Ok(Err(e)) => return Err(unavailable(e)),
+            }
+        }
+        Err(unavailable("Redis functions could not be installed"))
+    }
+
+    /// Run commands grouped by the slot of their key: one pipeline per
+    /// slot (a pipeline may not cross slots), all slots concurrently.
+    /// Replies come back in the order of `cmds`.
+    async fn by_slot(&self, cmds: Vec<(String, redis::Cmd)>) -> Result<Vec<Value>, BrokerError> {
+        let n = cmds.len();
+        let mut groups: BTreeMap<u16, Vec<(usize, redis::Cmd)>> = BTreeMap::new();
+        for (i, (key, cmd)) in cmds.into_iter().enumerate() {
+            groups.entry(key_slot(&key)).or_default().push((i, cmd));
+        }
+        let runs = groups.into_values().map(|group| {
+            let mut conn = self.pubsub.conn();
+            async move {
+                let mut pipe = redis::pipe();
+                for (_, cmd) in &group {
+                    pipe.add_command(cmd.clone());
+                }
+                let values: Vec<Value> = timed(pipe.query_async(&mut conn)).await?;
+                Ok::<_, BrokerError>(
+                    group
+                        .into_iter()
+                        .map(|(i, _)| i)
+                        .zip(values)
+                        .collect::<Vec<_>>(),
+                )
+            }
+        });
+        let mut out = vec![Value::Nil; n];
+        for r in join_all(runs).await {
+            for (i, v) in r? {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn one<T: FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, BrokerError> {
+        let mut conn = self.pubsub.conn();
+        timed(cmd.query_async(&mut conn)).await
+    }
+}
+
+/// Errors a failover or a slot move explains (the crate retries most of
+/// them itself; what is left is unavailability, not a rejection).
+fn is_transient(e: &redis::RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY" | "LOADING")
+    )
+}
+
+#[async_trait]
+impl Broker for ClusterBroker {
+    async fn subscribe(&self, r: RestaurantId) -> Result<(), BrokerError> {
+        self.pubsub.subscribe(r).await
+    }
+
+    async fn unsubscribe(&self, r: RestaurantId) -> Result<(), BrokerError> {
+        self.pubsub.unsubscribe(r).await
+    }
+
+    async fn publish(&self, req: PublishRequest) -> Result<Published, BrokerError> {
+        let r = req.restaurant;
+        let rid = r.to_string();
+        let version = req.version.map(|v| v.token()).unwrap_or_default();
+        let fence = req.fence.unwrap_or_default();
+        let meta = restaurant_key(r, "meta");
+        let hist = restaurant_key(r, "hist");
+        let vkey = req
+            .version
+            .map(|v| restaurant_key(r, &format!("v:{}", v.order_id)));
+        let mut keys = vec![meta.as_str(), hist.as_str()];
+        if let Some(v) = &vkey {
+            keys.push(v);
+        }
+        // The leader key lives in another slot, so the function cannot read
+        // it: check it here first (a stale lease is refused as on one node),
+        // and the function's per-restaurant fence refuses a lease older than
+        // one already used on this restaurant. What remains is a leader that
+        // pauses between this check and the call while nobody newer has
+        // published here yet (docs/OPERATIONS.md).
+        if !fence.is_empty() {
+            let current: Option<String> = self.one(redis::Cmd::get(LEADER_KEY)).await?;
+            if current.as_deref() != Some(fence.as_str()) {
+                return Err(BrokerError::Fenced);
+            }
+        }
+        let (id, dup): (String, i64) = self
+            .fcall("og_publish", &keys, &[&rid, &version, &req.body, &fence])
+            .await?;
+        let event_id = id
+            .parse()
+            .map_err(|_| BrokerError::Rejected(format!("unexpected event id {id}")))?;
+        Ok(Published {
+            event_id,
+            duplicate: dup == 1,
+        })
+    }
+
+    async fn history_after(&self, r: RestaurantId, after: Cursor) -> Result<History, BrokerError> {
+        let (epoch, seq) = match after {
+            Cursor::After(id) => (format!("{:013}", id.epoch), id.seq.to_string()),
+            Cursor::Empty { at_ms } => (String::new(), at_ms.to_string()),
+        };
+        let meta = restaurant_key(r, "meta");
+        let hist = restaurant_key(r, "hist");
+        let reply: Vec<String> = self
+            .fcall(
+                "og_history",
+                &[&meta, &hist],
+                &[&r.to_string(), &epoch, &seq],
+            )
+            .await?;
+        let mut it = reply.into_iter();
+        if it.next().as_deref() != Some("ok") {
+            return Ok(History::Gone);
+        }
+        Ok(History::Events(
+            it.filter_map(|m| {
+                m.split_once('|')
+                    .map(|(_, f)| Utf8Bytes::from(f.to_string()))
+            })
+            .collect(),
+        ))
+    }
+
+    async fn position(&self, r: RestaurantId) -> Result<Cursor, BrokerError> {
+        let meta = restaurant_key(r, "meta");
+        let (epoch, seq): (String, String) =
+            self.fcall("og_last", &[&meta], &[&r.to_string()]).await?;
+        if epoch.is_empty() {
+            let at_ms = seq.parse().map_err(|_| unavailable("bad og_last reply"))?;
+            return Ok(Cursor::Empty { at_ms });
+        }
+        match (epoch.parse(), seq.parse()) {
+            (Ok(epoch), Ok(seq)) => Ok(Cursor::After(EventId { epoch, seq })),
+            _ => Err(unavailable("bad og_last reply")),
+        }
+    }
+
+    /// Every primary answers (the crate sends `PING` to all of them) and
+    /// the subscriptions are not being restored.
+    async fn ping(&self) -> Result<(), BrokerError> {
+        let _: Value = self.one(redis::cmd("PING")).await?;
+        if !self.pubsub.healthy() {
+            return Err(unavailable(
+                "Redis Cluster subscriptions are being restored",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Cluster for ClusterBroker {
+    async fn add_connection(&self, c: &ConnectionRecord, ttl: Duration) -> Result<(), BrokerError> {
+        let until = self.now_ms() + ttl.as_millis() as i64;
+        let member = serde_json::to_string(c).expect("record serializes");
+        let key = conns_key(c.restaurant_id);
+        let mut cmds = Vec::new();
+        cmds.push((key.clone(), redis::Cmd::zadd(&key, member, until)));
+        cmds.push((
+            key.clone(),
+            redis::Cmd::pexpire(&key, 2 * ttl.as_millis() as i64),
+        ));
+        cmds.push((
+            ACTIVE.into(),
+            redis::Cmd::zadd(ACTIVE, c.restaurant_id.to_string(), until),
+        ));
+        cmds.push((
+            INSTANCES.into(),
+            redis::Cmd::zadd(INSTANCES, &c.instance_id, until),
+        ));
+        self.by_slot(cmds).await.map(|_| ())
+    }
+
+    async fn remove_connection(&self, c: &ConnectionRecord) -> Result<(), BrokerError> {
+        let member = serde_json::to_string(c).expect("record serializes");
+        self.one::<Value>(redis::Cmd::zrem(conns_key(c.restaurant_id), member))
+            .await
+            .map(|_| ())
+    }
+
+    async fn heartbeat(
+        &self,
+        instance_id: &str,
+        connections: &[ConnectionRecord],
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        if let Err(e) = self.sync_clock().await {
+            tracing::debug!(error = %e, "could not read Redis' clock");
+        }
+        let now = self.now_ms();
+        let until = now + ttl.as_millis() as i64;
+        let mut by_restaurant: BTreeMap<RestaurantId, Vec<(i64, String)>> = BTreeMap::new();
+        for c in connections {
+            by_restaurant
+                .entry(c.restaurant_id)
+                .or_default()
+                .push((until, serde_json::to_string(c).expect("record serializes")));
+        }
+        let mut cmds = vec![
+            (
+                INSTANCES.to_string(),
+                redis::Cmd::zadd(INSTANCES, instance_id, until),
+            ),
+            (
+                INSTANCES.to_string(),
+                redis::Cmd::zrembyscore(INSTANCES, "-inf", now),
+            ),
+            (
+                ACTIVE.to_string(),
+                redis::Cmd::zrembyscore(ACTIVE, "-inf", now),
+            ),
+        ];
+        for (r, members) in &by_restaurant {
+            let key = conns_key(*r);
+            cmds.push((key.clone(), redis::Cmd::zadd_multiple(&key, members)));
+            cmds.push((key.clone(), redis::Cmd::zrembyscore(&key, "-inf", now)));
+            cmds.push((
+                key.clone(),
+                redis::Cmd::pexpire(&key, 2 * ttl.as_millis() as i64),
+            ));
+            cmds.push((
+                ACTIVE.to_string(),
+                redis::Cmd::zadd(ACTIVE, r.to_string(), until),
+            ));
+        }
+        self.by_slot(cmds).await.map(|_| ())
+    }
+
+    async fn remove_instance(
+        &self,
+        instance_id: &str,
+        connections: &[ConnectionRecord],
+    ) -> Result<(), BrokerError> {
+        let mut cmds = vec![(
+            INSTANCES.to_string(),
+            redis::Cmd::zrem(INSTANCES, instance_id),
+        )];
+        for c in connections {
+            let key = conns_key(c.restaurant_id);
+            let member = serde_json::to_string(c).expect("record serializes");
+            cmds.push((key.clone(), redis::Cmd::zrem(&key, member)));
+        }
+        self.by_slot(cmds).await.map(|_| ())
+    }
+
+    async fn connections(&self, r: RestaurantId) -> Result<Vec<ConnectionRecord>, BrokerError> {
+        let members: Vec<String> = self
+            .one(redis::Cmd::zrangebyscore(
+                conns_key(r),
+                self.now_ms(),
+                "+inf",
+            ))
+            .await?;
+        let mut out: Vec<ConnectionRecord> = members
+            .iter()
+            .filter_map(|m| serde_json::from_str(m).ok())
+            .collect();
+        out.sort_by_key(|c| c.connected_at);
+        Ok(out)
+    }
+
+    async fn live_instances(&self) -> Result<usize, BrokerError> {
+        self.one(redis::Cmd::zcount(INSTANCES, self.now_ms(), "+inf"))
+            .await
+    }
+
+    async fn active_restaurants(&self) -> Result<Vec<RestaurantId>, BrokerError> {
+        let members: Vec<String> = self
+            .one(redis::Cmd::zrangebyscore(ACTIVE, self.now_ms(), "+inf"))
+            .await?;
+        Ok(members.iter().filter_map(|m| m.parse().ok()).collect())
+    }
+
+    async fn try_acquire_leader(
+        &self,
+        instance_id: &str,
+        ttl: Duration,
+    ) -> Result<Option<Lease>, BrokerError> {
+        let ttl = ttl.as_millis().to_string();
+        let nonce = Uuid::new_v4().simple().to_string();
+        let token: Option<String> = self
+            .fcall(
+                "og_leader_acquire",
+                &[LEADER_KEY, LEADER_EPOCH_KEY],
+                &[instance_id, &ttl, &nonce],
+            )
+            .await?;
+        Ok(token.map(|token| Lease { token }))
+    }
+
+    async fn renew_leader(&self, lease: &Lease, ttl: Duration) -> Result<bool, BrokerError> {
+        let ttl = ttl.as_millis().to_string();
+        let ok: i64 = self
+            .fcall("og_leader_renew", &[LEADER_KEY], &[&lease.token, &ttl])
+            .await?;
+        Ok(ok == 1)
+    }
+
+    async fn release_leader(&self, lease: &Lease) -> Result<(), BrokerError> {
+        let _: i64 = self
+            .fcall("og_leader_release", &[LEADER_KEY], &[&lease.token])
+            .await?;
+        Ok(())
+    }
+
+    async fn leader(&self) -> Result<Option<String>, BrokerError> {
+        let token: Option<String> = self.one(redis::Cmd::get(LEADER_KEY)).await?;
+        Ok(token.as_deref().and_then(Lease::holder_of))
+    }
+
+    async fn load_poller_state(
+        &self,
+        restaurants: &[RestaurantId],
+    ) -> Result<PollerState, BrokerError> {
+        // All under the {og} tag: one slot, one pipeline.
+        let mut cmds = vec![
+            (
+                POLL_CURSOR_KEY.to_string(),
+                redis::Cmd::get(POLL_CURSOR_KEY),
+            ),
+            (POLL_LAST_KEY.to_string(), redis::Cmd::get(POLL_LAST_KEY)),
+        ];
+        for r in restaurants {
+            let key = poll_known_key(*r);
+            cmds.push((key.clone(), redis::Cmd::hgetall(key)));
+        }
+        let values = self.by_slot(cmds).await?;
+        let mut it = values.into_iter();
+        let scalar = |v: Option<Value>| -> Option<i64> {
+            v.and_then(|v| Option::<i64>::from_redis_value(v).ok().flatten())
+        };
+        let cursor_micros = scalar(it.next());
+        let last_poll_ms = scalar(it.next());
+        let mut state = PollerState {
+            cursor_micros,
+            last_poll_ms,
+            restaurants: HashMap::new(),
+        };
+        for (r, v) in restaurants.iter().zip(it) {
+            let map: HashMap<String, String> = HashMap::from_redis_value(v).unwrap_or_default();
+            if !map.is_empty() {
+                state.restaurants.insert(*r, map);
+            }
+        }
+        Ok(state)
+    }
+
+    async fn save_poller_state(
+        &self,
+        lease: &Lease,
+        delta: &PollerStateDelta,
+    ) -> Result<(), BrokerError> {
+        let doc = super::redis::poller_delta_json(delta);
+        let _: i64 = self
+            .fcall(
+                "og_poller_save",
+                &[LEADER_KEY],
+                &[
+                    &lease.token,
+                    &delta.cursor_micros.to_string(),
+                    &delta.last_poll_ms.to_string(),
+                    &doc,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -56,8 +56,7 @@ fn start_flow(bases: Vec<String>, restaurant: Uuid) -> Flow {
         tokio::spawn(async move {
             let mut i = 0usize;
             while !stop.is_cancelled() {
-                let body =
-                    json!({"type": "order_created", "order": order_json(restaurant, Uuid::new_v4(), "pending")});
+                let body = json!({"type": "order_created", "order": order_json(restaurant, Uuid::new_v4(), "pending")});
                 let post = post_event(&bases[i % bases.len()], &body);
                 if let Ok((202, v)) = tokio::time::timeout(Duration::from_secs(5), post).await {
                     acked
@@ -138,7 +137,9 @@ fn assert_promise(seen: &Seen, acked: &[String], label: &str) {
 async fn publish_until_acked(base: &str, restaurant: Uuid) -> String {
     for _ in 0..200 {
         let body = json!({"type": "order_created", "order": order_json(restaurant, Uuid::new_v4(), "pending")});
-        if let Ok((202, v)) = tokio::time::timeout(Duration::from_secs(5), post_event(base, &body)).await {
+        if let Ok((202, v)) =
+            tokio::time::timeout(Duration::from_secs(5), post_event(base, &body)).await
+        {
             return v["event_id"].as_str().unwrap().to_string();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -179,6 +180,12 @@ async fn events_survive(gws: &[Gateway], r: Uuid, fault: impl std::future::Futur
     stop.cancel();
     for (i, w) in watchers.into_iter().enumerate() {
         let seen = w.await.unwrap();
+        eprintln!(
+            "dashboard {i}: {} events, {} resync_required, {} acknowledged",
+            seen.ids.len(),
+            seen.resyncs,
+            acked.len()
+        );
         assert_eq!(seen.closed, None, "dashboard {i} stays open");
         assert!(
             seen.ids.contains(&last),
@@ -188,10 +195,9 @@ async fn events_survive(gws: &[Gateway], r: Uuid, fault: impl std::future::Futur
     }
     // A dashboard that was away since before the fault resumes: a replay of
     // everything after its id, or resync_required.
-    let mut ws = Ws::connect(&gws[gws.len() - 1].ws_url(&format!(
-        "token={}&last_event_id={resume_from}",
-        token(r)
-    )))
+    let mut ws = Ws::connect(
+        &gws[gws.len() - 1].ws_url(&format!("token={}&last_event_id={resume_from}", token(r))),
+    )
     .await;
     let hello = ws.json().await;
     assert_eq!(hello["type"], "connection_established");

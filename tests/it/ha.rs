@@ -81,6 +81,31 @@ async fn wait_ping(port: u16) {
     panic!("redis-server did not start on {port}");
 }
 
+/// Start a server with the args `make(port, second_port)` builds, on fresh
+/// free ports; again on other ports when it exits at once (another process
+/// took a port between `free_port` and the bind).
+async fn spawn_on_free_ports(make: impl Fn(u16, u16) -> Vec<String>) -> Proc {
+    for _ in 0..5 {
+        let (port, second) = (free_port(), free_port());
+        let mut child = spawn(&make(port, second));
+        for _ in 0..200 {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if node_cmd(port, &["PING"]).await.is_ok() {
+                return Proc {
+                    port,
+                    child: Some(child),
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("redis-server did not start on any free port");
+}
+
 fn scratch_dir(kind: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("og-{kind}-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -135,43 +160,37 @@ impl RedisCluster {
         let dir = scratch_dir("cluster");
         let mut nodes = Vec::new();
         for _ in 0..6 {
-            let port = free_port();
-            let bus = free_port();
-            let args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--cluster-port",
-                &bus.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                &dir.join(format!("nodes-{port}.conf")).to_string_lossy(),
-                // Fast failure detection so failover tests take seconds.
-                "--cluster-node-timeout",
-                "1000",
-                "--cluster-replica-validity-factor",
-                "0",
-                "--dir",
-                &dir.to_string_lossy(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            nodes.push(Proc {
-                port,
-                child: Some(spawn(&args)),
-            });
-        }
-        for n in &nodes {
-            wait_ping(n.port).await;
+            let node_args = |port: u16, bus: u16| -> Vec<String> {
+                [
+                    "--port",
+                    &port.to_string(),
+                    "--cluster-port",
+                    &bus.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &dir.join(format!("nodes-{port}.conf")).to_string_lossy(),
+                    // Fast failure detection so failover tests take seconds.
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-replica-validity-factor",
+                    "0",
+                    "--dir",
+                    &dir.to_string_lossy(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+            };
+            nodes.push(spawn_on_free_ports(node_args).await);
         }
         let cluster = RedisCluster { nodes, dir };
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
@@ -456,8 +475,6 @@ pub struct RedisSentinel {
 impl RedisSentinel {
     pub async fn start() -> RedisSentinel {
         let dir = scratch_dir("sentinel");
-        let master = free_port();
-        let replica = free_port();
         let data_args = |port: u16| -> Vec<String> {
             [
                 "--port",
@@ -479,49 +496,36 @@ impl RedisSentinel {
             .map(|s| s.to_string())
             .collect()
         };
+        let master_proc = spawn_on_free_ports(|p, _| data_args(p)).await;
+        let master = master_proc.port;
+        let replica_proc = spawn_on_free_ports(|p, _| {
+            let mut args = data_args(p);
+            args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
+            args
+        })
+        .await;
         let mut data = HashMap::new();
-        data.insert(
-            master,
-            Proc {
-                port: master,
-                child: Some(spawn(&data_args(master))),
-            },
-        );
-        let mut replica_args = data_args(replica);
-        replica_args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
-        data.insert(
-            replica,
-            Proc {
-                port: replica,
-                child: Some(spawn(&replica_args)),
-            },
-        );
-        wait_ping(master).await;
-        wait_ping(replica).await;
+        data.insert(master, master_proc);
+        data.insert(replica_proc.port, replica_proc);
         let mut sentinels = Vec::new();
         for _ in 0..3 {
-            let port = free_port();
-            let conf = dir.join(format!("sentinel-{port}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
-                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master} 2\n\
-                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
-                     sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
-                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
-                    dir.to_string_lossy()
-                ),
-            )
-            .unwrap();
-            let child = spawn(&[conf.to_string_lossy().to_string(), "--sentinel".into()]);
-            sentinels.push(Proc {
-                port,
-                child: Some(child),
-            });
-        }
-        for s in &sentinels {
-            wait_ping(s.port).await;
+            let sentinel_args = |port: u16, _| -> Vec<String> {
+                let conf = dir.join(format!("sentinel-{port}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                         sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master} 2\n\
+                         sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                         sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+                         sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                        dir.to_string_lossy()
+                    ),
+                )
+                .unwrap();
+                vec![conf.to_string_lossy().to_string(), "--sentinel".into()]
+            };
+            sentinels.push(spawn_on_free_ports(sentinel_args).await);
         }
         let setup = RedisSentinel {
             data,

@@ -6,6 +6,8 @@ mod ha;
 mod auth;
 mod broker_conformance;
 mod cluster;
+mod failover;
+mod faults;
 mod poller;
 mod resume;
 mod startup;
