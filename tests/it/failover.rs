@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::ha::{RedisCluster, RedisSentinel, SENTINEL_MASTER, key_slot};
-use crate::support::{Gateway, Next, Ws, config, dashboard, order_json, post_event, token};
+use crate::support::{
+    Gateway, Next, TestDb, Ws, config, dashboard, insert_order, order_json, post_event, token,
+};
 
 async fn cluster_replicas(cluster: &RedisCluster, n: usize) -> Vec<Gateway> {
     let mut out = Vec::new();
@@ -257,4 +259,111 @@ async fn sentinel_master_killed_while_events_flow() {
         sentinel.wait_failover(old).await;
     };
     events_survive(&gws, Uuid::new_v4(), fault).await;
+}
+
+// ---------------------------------------------------------------- the poller on HA Redis
+
+/// Two replicas with a database; dashboards on both; an inserted order and
+/// a status change arrive once each on every dashboard. Then `fault`, and
+/// another order must still arrive once (the leader lock and poller state
+/// survive it).
+async fn poller_delivers_once(
+    gws: &[Gateway],
+    db: &TestDb,
+    fault: impl std::future::Future<Output = ()>,
+) {
+    let r = Uuid::new_v4();
+    let q = format!("token={}", token(r));
+    let mut boards = Vec::new();
+    for gw in gws {
+        let mut ws = Ws::connect(&gw.ws_url(&q)).await;
+        assert_eq!(ws.json().await["type"], "connection_established");
+        assert_eq!(ws.json().await["type"], "snapshot");
+        boards.push(ws);
+    }
+    let pool = db.pool().await;
+    let first = insert_order(&pool, r, "pending", 1).await;
+    expect_once(&mut boards, first, "order_created").await;
+    sqlx::query("UPDATE orders SET order_status = 'confirmed' WHERE id = $1")
+        .bind(first)
+        .execute(&pool)
+        .await
+        .unwrap();
+    expect_once(&mut boards, first, "order_status_changed").await;
+    fault.await;
+    let second = insert_order(&pool, r, "pending", 1).await;
+    for ws in &mut boards {
+        // Resyncs are allowed around a fault; the order must arrive, once.
+        let mut got = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < deadline {
+            match ws.next(Duration::from_millis(1500)).await {
+                Next::Json(v) if v["order"]["id"] == second.to_string() => got += 1,
+                Next::Json(_) => {}
+                Next::Timeout if got > 0 => break,
+                Next::Timeout => {}
+                other => panic!("dashboard closed: {other:?}"),
+            }
+        }
+        assert_eq!(got, 1, "the order after the fault arrives once");
+    }
+}
+
+async fn expect_once(boards: &mut [Ws], order: Uuid, kind: &str) {
+    let mut ids = std::collections::HashSet::new();
+    for ws in boards.iter_mut() {
+        let ev = loop {
+            match ws.next(Duration::from_secs(10)).await {
+                Next::Json(v) if v["type"] == kind => break v,
+                Next::Json(_) => continue,
+                other => panic!("expected {kind}, got {other:?}"),
+            }
+        };
+        assert_eq!(ev["order"]["id"], order.to_string());
+        ids.insert(ev["event_id"].as_str().unwrap().to_string());
+        ws.silent_for(Duration::from_millis(800)).await;
+    }
+    assert_eq!(ids.len(), 1, "one event, fanned out");
+}
+
+fn with_db(mut cfg: orders_gateway::config::Config, db: &TestDb) -> orders_gateway::config::Config {
+    cfg.database_url = Some(db.url.clone());
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_poller_survives_the_lock_shard_failing_over() {
+    let mut cluster = RedisCluster::start().await;
+    let db = TestDb::create().await;
+    let mut gws = Vec::new();
+    for _ in 0..2 {
+        let mut cfg = with_db(config(), &db);
+        cfg.redis_cluster_urls = Some(cluster.urls());
+        gws.push(Gateway::start(cfg).await);
+    }
+    // The leader lock, its epoch and the poller's progress share {og}.
+    let slot = key_slot("og:{og}:leader");
+    let fault = async {
+        let old = cluster.kill_owner_of(slot).await;
+        cluster.wait_failover(slot, old).await;
+    };
+    poller_delivers_once(&gws, &db, fault).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_poller_survives_a_master_failover() {
+    let mut sentinel = RedisSentinel::start().await;
+    let db = TestDb::create().await;
+    let mut gws = Vec::new();
+    for _ in 0..2 {
+        let mut cfg = with_db(config(), &db);
+        cfg.redis_sentinel_urls = Some(sentinel.urls());
+        cfg.redis_sentinel_master = Some(SENTINEL_MASTER.into());
+        gws.push(Gateway::start(cfg).await);
+    }
+    let fault = async {
+        let old = sentinel.kill_master().await;
+        sentinel.wait_failover(old).await;
+    };
+    poller_delivers_once(&gws, &db, fault).await;
 }
