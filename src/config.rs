@@ -49,6 +49,12 @@ pub struct Config {
     /// PostgreSQL URL. Unset: no poller, no snapshots, no membership lookup.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Direct connection the poller leader holds for `LISTEN orders_changed`
+    /// (the wake-up, docs/CHANGE_CAPTURE.md). Default: DATABASE_URL. Set it
+    /// when DATABASE_URL goes through a transaction-mode pooler (PgBouncer,
+    /// Supavisor), which breaks LISTEN; `off` disables the wake-up.
+    #[arg(long, env = "DATABASE_LISTEN_URL", hide_env_values = true)]
+    pub database_listen_url: Option<String>,
     /// HS256 secret (Supabase legacy JWT secret).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -121,6 +127,18 @@ pub struct Config {
     /// Demo mode: a demo restaurant, a generated token and simulated guests.
     #[arg(long, env = "DEMO", default_value_t = false)]
     pub demo: bool,
+    /// A connection must send a whole request head within this (slowloris).
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// From accept to the WebSocket upgrade (or, for plain HTTP, to the
+    /// end of the connection's last request); past it the connection is
+    /// closed once its request in flight, if any, is answered.
+    #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 15_000)]
+    pub handshake_timeout_ms: u64,
+    /// Connections accepted but not yet upgraded (or plain HTTP); beyond it
+    /// new connections are closed at once.
+    #[arg(long, env = "MAX_HANDSHAKES", default_value_t = 1024)]
+    pub max_handshakes: usize,
 }
 
 /// A configuration value that cannot work, named by its variable.
@@ -175,6 +193,22 @@ impl Config {
         {
             return Err(bad("DATABASE_URL", "must be a postgres:// URL"));
         }
+        if let Some(url) = &self.database_listen_url
+            && url != "off"
+        {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(bad(
+                    "DATABASE_LISTEN_URL",
+                    "must be a postgres:// URL or off",
+                ));
+            }
+            if self.database_url.is_none() {
+                return Err(bad(
+                    "DATABASE_LISTEN_URL",
+                    "needs DATABASE_URL (the wake-up only speeds up the poller)",
+                ));
+            }
+        }
         if self.jwt_restaurant_claim.trim().is_empty() {
             return Err(bad("JWT_RESTAURANT_CLAIM", "must not be empty"));
         }
@@ -227,6 +261,21 @@ impl Config {
         }
         if self.presence_ttl_ms < 1000 {
             return Err(bad("PRESENCE_TTL_MS", "must be at least 1000"));
+        }
+        if !(100..=600_000).contains(&self.header_read_timeout_ms) {
+            return Err(bad(
+                "HEADER_READ_TIMEOUT_MS",
+                "must be between 100 and 600000",
+            ));
+        }
+        if !(self.header_read_timeout_ms..=600_000).contains(&self.handshake_timeout_ms) {
+            return Err(bad(
+                "HANDSHAKE_TIMEOUT_MS",
+                "must be between HEADER_READ_TIMEOUT_MS and 600000",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.max_handshakes) {
+            return Err(bad("MAX_HANDSHAKES", "must be between 1 and 1000000"));
         }
         if self.log_format != "text" && self.log_format != "json" {
             return Err(bad("LOG_FORMAT", "must be text or json"));
@@ -325,6 +374,15 @@ impl Config {
     }
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
+    }
+    /// Where the poller leader LISTENs for wake-ups; `None`: no wake-up
+    /// (no database, or DATABASE_LISTEN_URL=off).
+    pub fn listen_url(&self) -> Option<&str> {
+        match self.database_listen_url.as_deref() {
+            Some("off") => None,
+            Some(url) => Some(url),
+            None => self.database_url.as_deref(),
+        }
     }
     pub fn leader_ttl(&self) -> Duration {
         Duration::from_millis(self.leader_ttl_ms.unwrap_or(3 * self.poll_interval_ms))
