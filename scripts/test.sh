@@ -44,6 +44,8 @@ apt_install() {
 command -v cargo >/dev/null || { echo "[test] cargo is required (rustup.rs)" >&2; exit 1; }
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
+# Redis Cluster tests form their cluster with `redis-cli --cluster create`.
+command -v redis-cli >/dev/null || need+=(redis-tools)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v setpriv >/dev/null || need+=(util-linux)

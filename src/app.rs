@@ -18,10 +18,12 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::auth::{OriginPolicy, Verifier};
+use crate::broker::cluster::ClusterBroker;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
+use crate::broker::sentinel::Sentinels;
 use crate::broker::{Backend, INBOUND_CAPACITY};
-use crate::config::Config;
+use crate::config::{Config, RedisMode};
 use crate::db::Database;
 use crate::demo::Demo;
 use crate::domain::SnapshotSource;
@@ -87,17 +89,32 @@ impl App {
             .with_context(|| format!("BIND_ADDR: cannot listen on {}", config.bind_addr))?;
         let background = CancellationToken::new();
         let (inbound_tx, inbound) = mpsc::channel(INBOUND_CAPACITY);
-        let backend: Arc<dyn Backend> = match &config.redis_url {
-            Some(url) => Arc::new(
-                RedisBroker::start(
-                    url,
-                    config.instance_id(),
+        let limits = config.history_limits();
+        let instance_id = config.instance_id().to_string();
+        let backend: Arc<dyn Backend> = match config.redis_mode() {
+            Some(RedisMode::Single(url)) => Arc::new(
+                RedisBroker::start(&url, &instance_id, inbound_tx, limits, background.clone())
+                    .await
+                    .context("REDIS_URL")?,
+            ),
+            Some(RedisMode::Sentinel { sentinels, master }) => Arc::new(
+                RedisBroker::start_sentinel(
+                    Sentinels {
+                        urls: sentinels,
+                        master,
+                    },
+                    &instance_id,
                     inbound_tx,
-                    config.history_limits(),
+                    limits,
                     background.clone(),
                 )
                 .await
-                .context("REDIS_URL")?,
+                .context("REDIS_SENTINEL_URLS")?,
+            ),
+            Some(RedisMode::Cluster(seeds)) => Arc::new(
+                ClusterBroker::start(&seeds, &instance_id, inbound_tx, limits, background.clone())
+                    .await
+                    .context("REDIS_CLUSTER_URLS")?,
             ),
             None => {
                 tracing::warn!(
@@ -107,7 +124,6 @@ impl App {
                 Arc::new(MemoryBroker::new(inbound_tx, config.history_limits()))
             }
         };
-        let instance_id = config.instance_id().to_string();
         let hub = Hub::new(
             config.max_connections,
             config.max_connections_per_restaurant,
@@ -153,7 +169,7 @@ impl App {
             origins: OriginPolicy::new(config.allowed_origins()),
             publish_api_key: config.publish_api_key.as_deref().map(Arc::from),
             poll_interval_ms: config.poll_interval_ms,
-            redis_configured: config.redis_url.is_some(),
+            redis_configured: config.redis_mode().is_some(),
             database_configured: config.database_url.is_some(),
             draining: Arc::new(AtomicBool::new(false)),
             prometheus: prometheus(),

@@ -37,6 +37,15 @@ pub struct Config {
     /// Redis URL. Unset: embedded in-memory broker, single replica only.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Comma list of seed nodes of a Redis Cluster (`redis://host:port,…`).
+    #[arg(long, env = "REDIS_CLUSTER_URLS")]
+    pub redis_cluster_urls: Option<String>,
+    /// Comma list of Sentinel addresses (`redis://host:port,…`).
+    #[arg(long, env = "REDIS_SENTINEL_URLS")]
+    pub redis_sentinel_urls: Option<String>,
+    /// Name of the master the sentinels monitor (required with the list).
+    #[arg(long, env = "REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
     /// PostgreSQL URL. Unset: no poller, no snapshots, no membership lookup.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
@@ -178,10 +187,7 @@ impl Config {
         {
             return Err(bad("JWT_JWKS_URL", "must be an http(s) URL"));
         }
-        if let Some(url) = &self.redis_url {
-            redis::Client::open(url.as_str())
-                .map_err(|e| bad("REDIS_URL", format!("not a Redis URL ({e})")))?;
-        }
+        self.validate_redis()?;
         if let Some(url) = &self.database_url
             && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
         {
@@ -282,6 +288,87 @@ impl Config {
         Ok(())
     }
 
+    /// At most one Redis mode, every URL parseable, a sentinel master name
+    /// exactly when there are sentinels. An empty variable counts as unset
+    /// (so an override file can switch modes).
+    fn validate_redis(&mut self) -> Result<(), ConfigError> {
+        for v in [
+            &mut self.redis_url,
+            &mut self.redis_cluster_urls,
+            &mut self.redis_sentinel_urls,
+            &mut self.redis_sentinel_master,
+        ] {
+            if v.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                *v = None;
+            }
+        }
+        let set = [
+            ("REDIS_URL", self.redis_url.is_some()),
+            ("REDIS_CLUSTER_URLS", self.redis_cluster_urls.is_some()),
+            ("REDIS_SENTINEL_URLS", self.redis_sentinel_urls.is_some()),
+        ];
+        let chosen: Vec<&str> = set.iter().filter(|(_, on)| *on).map(|(v, _)| *v).collect();
+        if chosen.len() > 1 {
+            return Err(bad(
+                chosen[1],
+                format!("set only one of {} (one Redis mode)", chosen.join(", ")),
+            ));
+        }
+        let check_url = |var: &'static str, url: &str| -> Result<(), ConfigError> {
+            redis::Client::open(url)
+                .map(|_| ())
+                .map_err(|e| bad(var, format!("not a Redis URL: {url:?} ({e})")))
+        };
+        let check_list = |var: &'static str, list: &str| -> Result<(), ConfigError> {
+            let urls = split_list(list);
+            if urls.is_empty() || list.split(',').any(|u| u.trim().is_empty()) {
+                return Err(bad(var, "empty entry in the comma list"));
+            }
+            urls.iter().try_for_each(|u| check_url(var, u))
+        };
+        if let Some(url) = &self.redis_url {
+            check_url("REDIS_URL", url)?;
+        }
+        if let Some(list) = &self.redis_cluster_urls {
+            check_list("REDIS_CLUSTER_URLS", list)?;
+        }
+        if let Some(list) = &self.redis_sentinel_urls {
+            check_list("REDIS_SENTINEL_URLS", list)?;
+        }
+        match (&self.redis_sentinel_urls, &self.redis_sentinel_master) {
+            (Some(_), None) => Err(bad(
+                "REDIS_SENTINEL_MASTER",
+                "required with REDIS_SENTINEL_URLS (the monitored master's name)",
+            )),
+            (Some(_), Some(name)) if name.trim().is_empty() => {
+                Err(bad("REDIS_SENTINEL_MASTER", "must not be empty"))
+            }
+            (None, Some(_)) => Err(bad(
+                "REDIS_SENTINEL_MASTER",
+                "only meaningful with REDIS_SENTINEL_URLS",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Which Redis, if any (valid after [`Config::validate`]).
+    pub fn redis_mode(&self) -> Option<RedisMode> {
+        if let Some(url) = &self.redis_url {
+            return Some(RedisMode::Single(url.clone()));
+        }
+        if let Some(list) = &self.redis_cluster_urls {
+            return Some(RedisMode::Cluster(split_list(list)));
+        }
+        if let (Some(list), Some(master)) = (&self.redis_sentinel_urls, &self.redis_sentinel_master)
+        {
+            return Some(RedisMode::Sentinel {
+                sentinels: split_list(list),
+                master: master.trim().to_string(),
+            });
+        }
+        None
+    }
+
     pub fn instance_id(&self) -> &str {
         self.instance_id.as_deref().unwrap_or("unset")
     }
@@ -319,6 +406,27 @@ impl Config {
             max_age: Duration::from_secs(self.history_max_age_secs),
         }
     }
+}
+
+fn split_list(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// The Redis the replicas share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One Redis server (`REDIS_URL`).
+    Single(String),
+    /// Seed nodes of a Redis Cluster (`REDIS_CLUSTER_URLS`).
+    Cluster(Vec<String>),
+    /// Sentinels and the name of the master they monitor.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
 }
 
 /// How much history a broker keeps per restaurant.

@@ -10,7 +10,7 @@
 //! node     hub + broker: subscribe on first socket, lazy unsubscribe, fan-out
 //! poller   leader-elected change capture: diff (pure) + SQL + publish
 //! hub      local sockets per restaurant, bounded queues      (no Redis, no SQL)
-//! broker   Broker + Cluster traits; memory and Redis brokers (no sockets)
+//! broker   Broker + Cluster traits; memory, Redis (one node or Sentinel) and Redis Cluster brokers (no sockets)
 //! auth     token -> identity (HS256 / JWKS), origin policy   (no HTTP)
 //! db       orders database reads and migrations
 //! demo     demo restaurant and simulated guests

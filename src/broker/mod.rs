@@ -2,13 +2,18 @@
 //! remembered for resume, and the cluster-wide state replicas share
 //! (presence, the poller's leader lock and its progress).
 //!
-//! Two implementations behind the same traits: [`memory::MemoryBroker`]
-//! (embedded, one replica) and [`redis::RedisBroker`]. The conformance suite
-//! in `tests/it/broker_conformance.rs` runs against both. A broker never
-//! knows sockets exist: it hands received payloads to an [`Inbound`] queue.
+//! Three implementations behind the same traits: [`memory::MemoryBroker`]
+//! (embedded, one replica), [`redis::RedisBroker`] (one Redis server, fixed
+//! or found through Sentinel: [`sentinel::Master`]) and
+//! [`cluster::ClusterBroker`] (Redis Cluster, sharded pub/sub). The
+//! conformance suite in `tests/it/broker_conformance.rs` runs against all of
+//! them (Sentinel included). A broker never knows sockets exist: it hands
+//! received payloads to an [`Inbound`] queue.
 
+pub mod cluster;
 pub mod memory;
 pub mod redis;
+pub mod sentinel;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -13,12 +13,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use deadpool_redis::redis::{self, FromRedisValue, aio::PubSubSink};
-use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::sentinel::{Master, Sentinels};
 use super::{
     Broker, BrokerError, Cluster, ConnectionRecord, Cursor, History, Inbound, Lease, PollerState,
     PollerStateDelta, PublishRequest, Published, backoff,
@@ -87,15 +87,16 @@ const SUBSCRIBE_CHUNK: usize = 512;
 /// How long a subscribe waits for the pub/sub connection to come (back).
 const SINK_WAIT: Duration = Duration::from_secs(2);
 
-const INSTANCES: &str = "og:instances";
-const ACTIVE: &str = "og:active";
+pub(super) const INSTANCES: &str = "og:instances";
+pub(super) const ACTIVE: &str = "og:active";
 
-fn conns_key(r: RestaurantId) -> String {
+pub(super) fn conns_key(r: RestaurantId) -> String {
     format!("og:conns:{r}")
 }
 
 pub struct RedisBroker {
-    pool: Pool,
+    /// The master's connection pool; with Sentinel it follows failovers.
+    master: Arc<Master>,
     subscriptions: Arc<Subscriptions>,
     limits: HistoryLimits,
     /// Redis time minus local time, in ms, refreshed by every heartbeat:
@@ -151,27 +152,37 @@ impl RedisBroker {
         limits: HistoryLimits,
         shutdown: CancellationToken,
     ) -> Result<RedisBroker, BrokerError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
-        let mut cfg = deadpool_redis::Config::from_url(url);
-        cfg.pool = Some(PoolConfig {
-            max_size: 32,
-            timeouts: Timeouts {
-                wait: Some(COMMAND_TIMEOUT),
-                create: Some(COMMAND_TIMEOUT),
-                recycle: Some(COMMAND_TIMEOUT),
-            },
-            ..PoolConfig::default()
-        });
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(unavailable)?;
+        redis::Client::open(url).map_err(unavailable)?;
+        let master = Arc::new(Master::fixed(url, COMMAND_TIMEOUT)?);
+        RedisBroker::start_with(master, instance_id, inbound, limits, shutdown).await
+    }
+
+    /// Find the master through Sentinel and follow its failovers.
+    pub async fn start_sentinel(
+        sentinels: Sentinels,
+        instance_id: &str,
+        inbound: mpsc::Sender<Inbound>,
+        limits: HistoryLimits,
+        shutdown: CancellationToken,
+    ) -> Result<RedisBroker, BrokerError> {
+        let master = Master::sentinel(sentinels, COMMAND_TIMEOUT, shutdown.clone()).await?;
+        RedisBroker::start_with(master, instance_id, inbound, limits, shutdown).await
+    }
+
+    async fn start_with(
+        master: Arc<Master>,
+        instance_id: &str,
+        inbound: mpsc::Sender<Inbound>,
+        limits: HistoryLimits,
+        shutdown: CancellationToken,
+    ) -> Result<RedisBroker, BrokerError> {
         let subscriptions = Arc::new(Subscriptions {
             wanted: Mutex::new(HashSet::new()),
             sink: Mutex::new(None),
             link_up: AtomicBool::new(false),
         });
         let broker = RedisBroker {
-            pool: pool.clone(),
+            master: master.clone(),
             subscriptions: subscriptions.clone(),
             limits,
             clock_offset_ms: Arc::new(AtomicI64::new(0)),
@@ -181,10 +192,10 @@ impl RedisBroker {
         }
         let _ = broker.sync_clock().await;
         let probe = Probe {
-            pool,
+            master: master.clone(),
             channel: format!("og:probe:{instance_id}"),
         };
-        tokio::spawn(receive(client, subscriptions, inbound, probe, shutdown));
+        tokio::spawn(receive(master, subscriptions, inbound, probe, shutdown));
         Ok(broker)
     }
 
@@ -207,7 +218,23 @@ impl RedisBroker {
     }
 
     async fn conn(&self) -> Result<deadpool_redis::Connection, BrokerError> {
-        self.pool.get().await.map_err(unavailable)
+        let endpoint = self.master.endpoint().await?;
+        match endpoint.pool.get().await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                // Refused or timed out: perhaps the master moved.
+                self.master.suspect().await;
+                Err(unavailable(e))
+            }
+        }
+    }
+
+    /// After a failed command: with Sentinel, an I/O error, a timeout or
+    /// `READONLY` (a demoted master) means "look for the master again".
+    async fn after_error(&self, e: &redis::RedisError) {
+        if e.is_io_error() || e.is_timeout() || is_readonly(e) {
+            self.master.suspect().await;
+        }
     }
 
     /// Load the function library and the limits it reads.
@@ -246,9 +273,17 @@ impl RedisBroker {
                 discard(conn);
             }
             match answer {
-                Err(_) => return Err(unavailable("Redis command timed out")),
+                Err(_) => {
+                    self.master.suspect().await;
+                    return Err(unavailable("Redis command timed out"));
+                }
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) if e.code() == Some("FENCED") => return Err(BrokerError::Fenced),
+                // A demoted master refused the write before doing anything:
+                // safe to retry on the master Sentinel names now.
+                Ok(Err(e)) if attempt == 0 && is_readonly(&e) => {
+                    self.after_error(&e).await;
+                }
                 Ok(Err(e)) if attempt == 0 && e.to_string().contains("Function not found") => {
                     // Redis restarted without persistence: reinstall and retry.
                     self.install().await?;
@@ -256,15 +291,28 @@ impl RedisBroker {
                 Ok(Err(e)) if e.code().is_some() && !e.is_io_error() => {
                     return Err(BrokerError::Rejected(e.to_string()));
                 }
-                Ok(Err(e)) => return Err(unavailable(e)),
+                Ok(Err(e)) => {
+                    self.after_error(&e).await;
+                    return Err(unavailable(e));
+                }
             }
         }
         Err(unavailable("Redis functions could not be installed"))
     }
 
     async fn query<T: FromRedisValue>(&self, pipe: redis::Pipeline) -> Result<T, BrokerError> {
-        query_on(self.conn().await?, pipe).await
+        let answer = query_on(self.conn().await?, pipe).await;
+        if answer.is_err() {
+            // With Sentinel: a failed command may mean the master moved or
+            // was demoted (READONLY). Rate-limited; a no-op without Sentinel.
+            self.master.suspect().await;
+        }
+        answer
     }
+}
+
+fn is_readonly(e: &redis::RedisError) -> bool {
+    e.code() == Some("READONLY")
 }
 
 /// Run `pipe` on a pooled connection with the command timeout. A connection
@@ -306,13 +354,14 @@ async fn timed<T>(
 /// How the receiver checks its own link: a publish through the command pool
 /// on a channel only this replica subscribes to.
 struct Probe {
-    pool: Pool,
+    master: Arc<Master>,
     channel: String,
 }
 
 impl Probe {
     async fn send(&self, n: u64) -> Result<(), BrokerError> {
-        let conn = self.pool.get().await.map_err(unavailable)?;
+        let endpoint = self.master.endpoint().await?;
+        let conn = endpoint.pool.get().await.map_err(unavailable)?;
         let mut pipe = redis::pipe();
         pipe.publish(&self.channel, n).ignore();
         query_on(conn, pipe).await
@@ -325,7 +374,7 @@ impl Probe {
 /// a TCP connection can stay open while nothing arrives on it (a lost
 /// Redis host, a failover to a new address, a middlebox dropping state).
 async fn receive(
-    client: redis::Client,
+    master: Arc<Master>,
     subs: Arc<Subscriptions>,
     inbound: mpsc::Sender<Inbound>,
     probe: Probe,
@@ -333,7 +382,24 @@ async fn receive(
 ) {
     let mut attempt: u32 = 0;
     let mut was_connected = false;
+    let mut master_changed = master.watch();
     loop {
+        master_changed.borrow_and_update();
+        // With Sentinel: only a server that answers ROLE as master.
+        let endpoint = match master.verify().await {
+            Ok(ep) => ep,
+            Err(e) => {
+                retry_later(&subs, &mut attempt, &e.to_string(), &shutdown).await;
+                continue;
+            }
+        };
+        let client = match redis::Client::open(endpoint.url.as_str()) {
+            Ok(c) => c,
+            Err(e) => {
+                retry_later(&subs, &mut attempt, &e.to_string(), &shutdown).await;
+                continue;
+            }
+        };
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()) => r,
@@ -383,12 +449,23 @@ async fn receive(
             let _ = inbound.send(Inbound::Resubscribed).await;
         }
         was_connected = true;
-        let why = relay(&mut stream, &subs, &inbound, &probe, &shutdown).await;
+        let why = relay(
+            &mut stream,
+            &subs,
+            &inbound,
+            &probe,
+            &mut master_changed,
+            &shutdown,
+        )
+        .await;
         subs.set_sink(None);
         subs.set_link_up(false);
         metrics::gauge!("orders_gateway_redis_up").set(0.0);
         match why {
             LinkEnd::Shutdown => return,
+            LinkEnd::MasterChanged => {
+                tracing::warn!("Redis master changed (Sentinel); resubscribing on the new one")
+            }
             LinkEnd::Closed => tracing::warn!("Redis pub/sub connection lost; reconnecting"),
             LinkEnd::Deaf => {
                 metrics::counter!("orders_gateway_redis_link_stalls_total").increment(1);
@@ -405,6 +482,8 @@ type ProbeSend<'a> = Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send
 
 enum LinkEnd {
     Shutdown,
+    /// Sentinel named another master: leave the old one.
+    MasterChanged,
     Closed,
     /// Probes were published but did not come back in time.
     Deaf,
@@ -416,6 +495,7 @@ async fn relay(
     subs: &Subscriptions,
     inbound: &mpsc::Sender<Inbound>,
     probe: &Probe,
+    master_changed: &mut tokio::sync::watch::Receiver<u64>,
     shutdown: &CancellationToken,
 ) -> LinkEnd {
     let mut ticker = tokio::time::interval(PROBE_INTERVAL);
@@ -448,6 +528,7 @@ async fn relay(
                     tracing::debug!(error = %e, "liveness probe publish failed");
                 }
             }
+            _ = master_changed.changed() => return LinkEnd::MasterChanged,
             m = stream.next() => {
                 let Some(msg) = m else { return LinkEnd::Closed };
                 let channel = msg.get_channel_name();
@@ -807,23 +888,7 @@ impl Cluster for RedisBroker {
         lease: &Lease,
         delta: &PollerStateDelta,
     ) -> Result<(), BrokerError> {
-        let changes: serde_json::Map<String, serde_json::Value> = delta
-            .changes
-            .iter()
-            .map(|(r, fields)| {
-                let obj: serde_json::Map<String, serde_json::Value> = fields
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            v.clone().map_or(serde_json::Value::Null, Into::into),
-                        )
-                    })
-                    .collect();
-                (r.to_string(), obj.into())
-            })
-            .collect();
-        let doc = serde_json::json!({ "changes": changes });
+        let doc = poller_delta_json(delta);
         let _: i64 = self
             .fcall(
                 "og_poller_save",
@@ -832,10 +897,31 @@ impl Cluster for RedisBroker {
                     &lease.token,
                     &delta.cursor_micros.to_string(),
                     &delta.last_poll_ms.to_string(),
-                    &doc.to_string(),
+                    &doc,
                 ],
             )
             .await?;
         Ok(())
     }
+}
+
+/// The argument of `og_poller_save`: `{forget: [rid], changes: {rid: {field: value|null}}}`.
+pub(super) fn poller_delta_json(delta: &PollerStateDelta) -> String {
+    let changes: serde_json::Map<String, serde_json::Value> = delta
+        .changes
+        .iter()
+        .map(|(r, fields)| {
+            let obj: serde_json::Map<String, serde_json::Value> = fields
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.clone().map_or(serde_json::Value::Null, Into::into),
+                    )
+                })
+                .collect();
+            (r.to_string(), obj.into())
+        })
+        .collect();
+    serde_json::json!({ "changes": changes }).to_string()
 }

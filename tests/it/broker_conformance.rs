@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use orders_gateway::broker::cluster::ClusterBroker;
 use orders_gateway::broker::memory::MemoryBroker;
 use orders_gateway::broker::redis::RedisBroker;
+use orders_gateway::broker::sentinel::Sentinels;
 use orders_gateway::broker::{
     Backend, BrokerError, ConnectionRecord, Cursor, History, Inbound, PollerStateDelta,
     PublishRequest,
@@ -16,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::ha::{RedisCluster, RedisSentinel, SENTINEL_MASTER};
 use crate::support::Redis;
 
 const LIMITS: HistoryLimits = HistoryLimits {
@@ -26,7 +29,8 @@ const LIMITS: HistoryLimits = HistoryLimits {
 struct Subject {
     backend: Arc<dyn Backend>,
     inbound: mpsc::Receiver<Inbound>,
-    _redis: Option<Redis>,
+    /// The servers behind the broker, stopped on drop.
+    _servers: Option<Box<dyn std::any::Any + Send>>,
     _stop: CancellationToken,
 }
 
@@ -35,7 +39,7 @@ async fn memory() -> Subject {
     Subject {
         backend: Arc::new(MemoryBroker::new(tx, LIMITS)),
         inbound: rx,
-        _redis: None,
+        _servers: None,
         _stop: CancellationToken::new(),
     }
 }
@@ -50,7 +54,41 @@ async fn redis() -> Subject {
     Subject {
         backend: Arc::new(broker),
         inbound: rx,
-        _redis: Some(redis),
+        _servers: Some(Box::new(redis)),
+        _stop: stop,
+    }
+}
+
+async fn cluster() -> Subject {
+    let cluster = RedisCluster::start().await;
+    let (tx, rx) = mpsc::channel(1024);
+    let stop = CancellationToken::new();
+    let broker = ClusterBroker::start(&cluster.seeds(), "conformance", tx, LIMITS, stop.clone())
+        .await
+        .unwrap();
+    Subject {
+        backend: Arc::new(broker),
+        inbound: rx,
+        _servers: Some(Box::new(cluster)),
+        _stop: stop,
+    }
+}
+
+async fn sentinel() -> Subject {
+    let sentinel = RedisSentinel::start().await;
+    let (tx, rx) = mpsc::channel(1024);
+    let stop = CancellationToken::new();
+    let sentinels = Sentinels {
+        urls: sentinel.urls().split(',').map(String::from).collect(),
+        master: SENTINEL_MASTER.into(),
+    };
+    let broker = RedisBroker::start_sentinel(sentinels, "conformance", tx, LIMITS, stop.clone())
+        .await
+        .unwrap();
+    Subject {
+        backend: Arc::new(broker),
+        inbound: rx,
+        _servers: Some(Box::new(sentinel)),
         _stop: stop,
     }
 }
@@ -375,6 +413,12 @@ macro_rules! conformance {
         }
         mod redis_broker {
             $(#[tokio::test] async fn $name() { super::$name(super::redis().await).await })*
+        }
+        mod redis_cluster_broker {
+            $(#[tokio::test] async fn $name() { super::$name(super::cluster().await).await })*
+        }
+        mod redis_sentinel_broker {
+            $(#[tokio::test] async fn $name() { super::$name(super::sentinel().await).await })*
         }
     };
 }

@@ -1,9 +1,12 @@
 //! Integration tests: one binary, real redis-server and PostgreSQL.
 mod support;
 
+mod ha;
+
 mod auth;
 mod broker_conformance;
 mod cluster;
+mod failover;
 mod faults;
 mod hostile;
 mod poller;

@@ -55,6 +55,51 @@ fn bad_configuration_is_one_line_naming_the_variable() {
     }
 }
 
+#[test]
+fn redis_modes_are_exclusive_and_each_url_checked() {
+    let secret = ("JWT_SECRET", "0123456789abcdef0123");
+    let url = "redis://127.0.0.1:1";
+    for (env, var) in [
+        (
+            vec![secret, ("REDIS_URL", url), ("REDIS_CLUSTER_URLS", url)],
+            "REDIS_CLUSTER_URLS",
+        ),
+        (
+            vec![secret, ("REDIS_URL", url), ("REDIS_SENTINEL_URLS", url)],
+            "REDIS_SENTINEL_URLS",
+        ),
+        (
+            vec![secret, ("REDIS_CLUSTER_URLS", "redis://a:1,,redis://b:2")],
+            "REDIS_CLUSTER_URLS",
+        ),
+        (
+            vec![secret, ("REDIS_CLUSTER_URLS", "redis://a:1,http://b")],
+            "REDIS_CLUSTER_URLS",
+        ),
+        (
+            vec![secret, ("REDIS_SENTINEL_URLS", url)],
+            "REDIS_SENTINEL_MASTER",
+        ),
+        (
+            vec![secret, ("REDIS_SENTINEL_MASTER", "mymaster")],
+            "REDIS_SENTINEL_MASTER",
+        ),
+        (
+            vec![
+                secret,
+                ("REDIS_SENTINEL_URLS", "sentinel:26379"),
+                ("REDIS_SENTINEL_MASTER", "mymaster"),
+            ],
+            "REDIS_SENTINEL_URLS",
+        ),
+    ] {
+        let (code, stderr) = start_with(&env);
+        assert_eq!(code, Some(2), "{env:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{env:?}: {stderr}");
+        assert!(stderr.contains(var), "{env:?} should name {var}: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn embedded_defaults_serve_without_redis_or_database() {
     let gw = GatewayProcess::start(&[]).await;
