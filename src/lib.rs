@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! app      wires everything, owns the shutdown order
-//! http     router, extractors, ApiError, access (token -> restaurant)
-//! session  one socket: catch-up, then one select! loop; close codes
+//! http     router, extractors, ApiError
+//! session  one socket: catch-up, then one select! loop; close codes;
+//!          membership re-check of open sockets
+//! access   token -> restaurant (claim or membership), for connect and refresh
 //! node     hub + broker: subscribe on first socket, lazy unsubscribe, fan-out
 //! poller   leader-elected change capture: diff (pure) + SQL + publish
 //! hub      local sockets per restaurant, bounded queues      (no Redis, no SQL)
@@ -15,7 +17,9 @@
 //! demo     demo restaurant and simulated guests
 //! domain   ids, orders, events, frames                       (imports nothing of ours)
 //! config   one Config from env/flags, validated at start
+//! tasks    supervised background tasks: a panic is logged, counted, unready
 //! ```
+pub mod access;
 pub mod app;
 pub mod auth;
 pub mod broker;
@@ -28,3 +32,4 @@ pub mod hub;
 pub mod node;
 pub mod poller;
 pub mod session;
+pub mod tasks;

@@ -7,5 +7,6 @@ mod cluster;
 mod poller;
 mod resume;
 mod startup;
+mod supervision;
 mod topology;
 mod websocket;
