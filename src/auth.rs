@@ -263,7 +263,10 @@ impl Jwks {
     }
 
     fn is_empty(&self) -> bool {
-        self.keys.read().unwrap_or_else(|p| p.into_inner()).is_empty()
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     fn lookup(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
@@ -323,10 +326,7 @@ pub fn parse_jwks(body: &[u8]) -> HashMap<String, (DecodingKey, Algorithm)> {
         return keys;
     };
     for raw in list {
-        if raw
-            .get("use")
-            .is_some_and(|u| u.as_str() != Some("sig"))
-        {
+        if raw.get("use").is_some_and(|u| u.as_str() != Some("sig")) {
             continue;
         }
         let declared = match raw.get("alg") {

@@ -71,9 +71,8 @@ impl EcKey {
     fn generate(kid: &str) -> EcKey {
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let pair =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-                .unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
         // Uncompressed point: 0x04 || x (32 bytes) || y (32 bytes).
         let point = pair.public_key().as_ref();
         let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
@@ -188,10 +187,16 @@ async fn an_empty_or_broken_jwks_never_drops_known_keys() {
     ] {
         keys.serve(status, body.clone());
         // An unknown kid forces a refetch of the bad document...
+        let before = keys.fetches();
         let refused = connects(&gw, &stranger.token(r)).await;
         assert_eq!(refused.map_err(|(c, _)| c), Err(4401), "{status} {body}");
+        assert_eq!(keys.fetches(), before + 1, "{status} {body} was fetched");
         // ...after which the known key still verifies.
-        assert_eq!(connects(&gw, &known.token(r)).await, Ok(()), "{status} {body}");
+        assert_eq!(
+            connects(&gw, &known.token(r)).await,
+            Ok(()),
+            "{status} {body}"
+        );
     }
 }
 
@@ -207,13 +212,7 @@ async fn each_keys_use_and_alg_are_honoured() {
     mislabelled_jwk["alg"] = json!("RS256");
     let mut foreign_jwk = foreign_alg.jwk.clone();
     foreign_jwk["alg"] = json!("ECDH-ES");
-    let keys = KeyServer::start(jwks(&[
-        &sig.jwk,
-        &enc_jwk,
-        &mislabelled_jwk,
-        &foreign_jwk,
-    ]))
-    .await;
+    let keys = KeyServer::start(jwks(&[&sig.jwk, &enc_jwk, &mislabelled_jwk, &foreign_jwk])).await;
     let gw = gateway(&keys).await;
     let r = Uuid::new_v4();
     // A key with an unknown `alg` does not spoil the others in its document.

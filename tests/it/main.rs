@@ -4,6 +4,7 @@ mod support;
 mod auth;
 mod broker_conformance;
 mod cluster;
+mod fuzz;
 mod jwks;
 mod poller;
 mod resume;
