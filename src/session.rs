@@ -139,19 +139,24 @@ impl MembershipWatch {
         }
     }
 
-    /// Cancel every socket whose pair is not in `present`; returns how many.
-    fn revoke_missing(&self, present: &HashSet<(Uuid, RestaurantId)>) -> usize {
+    /// Cancel the sockets of every pair that was `checked` but is not
+    /// `present`; returns how many. Pairs that joined after the check was
+    /// taken are left for the next one.
+    fn revoke_missing(
+        &self,
+        checked: &[(Uuid, RestaurantId)],
+        present: &HashSet<(Uuid, RestaurantId)>,
+    ) -> usize {
+        let mut sockets = lock(&self.sockets);
         let mut revoked = 0;
-        lock(&self.sockets).retain(|pair, conns| {
-            if present.contains(pair) {
-                return true;
+        for pair in checked.iter().filter(|p| !present.contains(p)) {
+            if let Some(conns) = sockets.remove(pair) {
+                for token in conns.values() {
+                    token.cancel();
+                }
+                revoked += conns.len();
             }
-            for token in conns.values() {
-                token.cancel();
-            }
-            revoked += conns.len();
-            false
-        });
+        }
         revoked
     }
 }
@@ -178,7 +183,7 @@ pub async fn watch_memberships(ctx: Arc<SessionContext>, stop: CancellationToken
         }
         match ctx.access.still_members(&pairs).await {
             Ok(present) => {
-                let revoked = ctx.members.revoke_missing(&present);
+                let revoked = ctx.members.revoke_missing(&pairs, &present);
                 if revoked > 0 {
                     tracing::info!(revoked, "membership removed: closing sockets");
                     metrics::counter!("orders_gateway_membership_revocations_total")
