@@ -79,9 +79,15 @@ impl App {
         let (inbound_tx, inbound) = mpsc::channel(INBOUND_CAPACITY);
         let backend: Arc<dyn Backend> = match &config.redis_url {
             Some(url) => Arc::new(
-                RedisBroker::start(url, inbound_tx, config.history_limits(), background.clone())
-                    .await
-                    .context("REDIS_URL")?,
+                RedisBroker::start_supervised(
+                    url,
+                    inbound_tx,
+                    config.history_limits(),
+                    background.clone(),
+                    &supervisor,
+                )
+                .await
+                .context("REDIS_URL")?,
             ),
             None => {
                 tracing::warn!(

@@ -572,7 +572,7 @@ impl Publisher {
                 let cmd = match self.mode {
                     PublishMode::Fcall => {
                         let mut c = redis::cmd("FCALL");
-                        c.arg("og_publish")
+                        c.arg(orders_gateway::broker::redis::function_name("og_publish"))
                             .arg(0)
                             .arg(&self.restaurants[r])
                             .arg(version)

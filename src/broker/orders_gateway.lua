@@ -1,7 +1,15 @@
-#!lua name=orders_gateway
+#!lua name=orders_gateway_v2
 -- Server-side steps of orders-gateway, installed by every replica at start
 -- (FUNCTION LOAD REPLACE) and again whenever Redis answers "function not
 -- found" (a restarted Redis without persistence).
+--
+-- Versioned: the library is orders_gateway_v<N> and every function is
+-- registered as <name>_v<N> (N = LIBRARY_VERSION in src/broker/redis.rs;
+-- bump both on any change of semantics, arguments or keys). During a
+-- rolling deploy old and new replicas each load and call their own
+-- version side by side: a new replica never replaces a function an old one
+-- calls, and an old replica's LOAD REPLACE never overwrites the new code.
+local VERSION = '_v2'
 --
 -- Keys (not declared: single-node Redis, not Redis Cluster):
 --   og:config                  history_max_events, history_max_age_ms, dedup_ttl_ms
@@ -22,7 +30,7 @@ local function lease_is_current(token)
   return redis.call('GET', 'og:leader') == token
 end
 
--- FCALL og_publish 0 <restaurant_id> <version or ""> <event json without event_id> [<lease>]
+-- FCALL og_publish_v2 0 <restaurant_id> <version or ""> <event json without event_id> [<lease>]
 -- Deduplicates by order version, numbers the event, records it in the
 -- restaurant's history and publishes it on orders:<restaurant_id>, as one
 -- atomic step. Returns {event_id, duplicate (0|1)}.
@@ -35,8 +43,15 @@ local function og_publish(keys, args)
     return redis.error_reply('ERR restaurant_id must be a lowercase uuid')
   end
   local rest = string.match(body, '^%s*{%s*(.*)$')
-  if rest == nil then
+  local ok, decoded = pcall(cjson.decode, body)
+  if rest == nil or not ok or type(decoded) ~= 'table' then
     return redis.error_reply('ERR event must be a JSON object')
+  end
+  -- The id is ours to assign: a body that brings one would become a frame
+  -- with two event_id keys, dropped by every replica after consuming a
+  -- sequence number.
+  if decoded['event_id'] ~= nil then
+    return redis.error_reply('ERR event must not contain event_id: it is assigned by og_publish')
   end
   if lease ~= nil and lease ~= '' and not lease_is_current(lease) then
     return redis.error_reply('FENCED stale leader lease')
@@ -173,10 +188,10 @@ local function og_poller_save(keys, args)
   return 1
 end
 
-redis.register_function('og_publish', og_publish)
-redis.register_function{function_name = 'og_history', callback = og_history, flags = {'no-writes'}}
-redis.register_function{function_name = 'og_last', callback = og_last, flags = {'no-writes'}}
-redis.register_function('og_leader_acquire', og_leader_acquire)
-redis.register_function('og_leader_renew', og_leader_renew)
-redis.register_function('og_leader_release', og_leader_release)
-redis.register_function('og_poller_save', og_poller_save)
+redis.register_function('og_publish' .. VERSION, og_publish)
+redis.register_function{function_name = 'og_history' .. VERSION, callback = og_history, flags = {'no-writes'}}
+redis.register_function{function_name = 'og_last' .. VERSION, callback = og_last, flags = {'no-writes'}}
+redis.register_function('og_leader_acquire' .. VERSION, og_leader_acquire)
+redis.register_function('og_leader_renew' .. VERSION, og_leader_renew)
+redis.register_function('og_leader_release' .. VERSION, og_leader_release)
+redis.register_function('og_poller_save' .. VERSION, og_poller_save)

@@ -22,9 +22,21 @@ use super::{
 };
 use crate::config::HistoryLimits;
 use crate::domain::{EventId, RestaurantId};
+use crate::tasks::Supervisor;
 
 /// The function library; see the file for the key layout.
 pub const FUNCTIONS: &str = include_str!("orders_gateway.lua");
+/// Version of [`FUNCTIONS`]: its library is `orders_gateway_v<N>` and each
+/// function `<name>_v<N>`, so replicas of different versions never call or
+/// replace each other's code during a rolling deploy. Bump it (and the
+/// file's `#!lua name=` line and `VERSION`) on any change of semantics.
+pub const LIBRARY_VERSION: u32 = 2;
+
+/// The name this build calls a library function by, e.g.
+/// `og_publish` -> `og_publish_v2`.
+pub fn function_name(base: &str) -> String {
+    format!("{base}_v{LIBRARY_VERSION}")
+}
 
 /// Any single Redis round trip taking longer than this counts as Redis
 /// being unavailable: callers (sockets, HTTP requests) must not hang on it.
@@ -87,6 +99,19 @@ impl RedisBroker {
         limits: HistoryLimits,
         shutdown: CancellationToken,
     ) -> Result<RedisBroker, BrokerError> {
+        let tasks = Supervisor::new(shutdown.clone());
+        Self::start_supervised(url, inbound, limits, shutdown, &tasks).await
+    }
+
+    /// [`RedisBroker::start`], with the receiver task watched by `tasks`
+    /// (a panic there makes the replica unready).
+    pub async fn start_supervised(
+        url: &str,
+        inbound: mpsc::Sender<Inbound>,
+        limits: HistoryLimits,
+        shutdown: CancellationToken,
+        tasks: &Supervisor,
+    ) -> Result<RedisBroker, BrokerError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
         let mut cfg = deadpool_redis::Config::from_url(url);
         cfg.pool = Some(PoolConfig {
@@ -113,7 +138,10 @@ impl RedisBroker {
         if let Err(e) = broker.install().await {
             tracing::warn!(error = %e, "could not install Redis functions yet; will retry on first use");
         }
-        tokio::spawn(receive(client, subscriptions, inbound, shutdown));
+        tasks.spawn(
+            "redis_receiver",
+            receive(client, subscriptions, inbound, shutdown),
+        );
         Ok(broker)
     }
 
@@ -144,7 +172,7 @@ impl RedisBroker {
 
     async fn fcall<T: FromRedisValue>(&self, name: &str, args: &[&str]) -> Result<T, BrokerError> {
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(name).arg(0);
+        cmd.arg(function_name(name)).arg(0);
         for a in args {
             cmd.arg(*a);
         }

@@ -100,7 +100,7 @@ async fn outside_publish_reaches_every_socket_once() {
     let body =
         json!({"type": "order_created", "order": order, "timestamp": "2024-01-15T10:30:45Z"});
     let (id, dup): (String, i64) = redis::cmd("FCALL")
-        .arg("og_publish")
+        .arg(orders_gateway::broker::redis::function_name("og_publish"))
         .arg(0)
         .arg(r.to_string())
         .arg(format!("{}@1", order["id"].as_str().unwrap()))

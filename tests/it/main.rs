@@ -8,6 +8,7 @@ mod fuzz;
 mod jwks;
 mod poller;
 mod resume;
+mod rolling;
 mod startup;
 mod supervision;
 mod topology;
