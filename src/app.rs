@@ -81,6 +81,7 @@ impl App {
             Some(url) => Arc::new(
                 RedisBroker::start_supervised(
                     url,
+                    config.instance_id(),
                     inbound_tx,
                     config.history_limits(),
                     background.clone(),

@@ -203,8 +203,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A slow client's close frame waits behind what it has not read yet; give
 /// it time to get there (memory stays bounded by the socket buffers).
 const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the snapshot's versions are used to drop events it already shows.
-const SEAM_WINDOW: Duration = Duration::from_secs(60);
 
 pub async fn close(socket: &mut WebSocket, reason: &CloseReason) {
     metrics::counter!("orders_gateway_connections_closed_total", "code" => reason.code().to_string())
@@ -238,11 +236,13 @@ struct ClientMessage {
 }
 
 /// Drops events the client already has: those at or before its cursor, and
-/// those whose order version a fresh snapshot already shows.
+/// those whose order version (or a newer one) a snapshot already showed.
+/// A snapshot's versions are kept until the stream passes each of them, not
+/// for a fixed window: a poller that lags behind must not repeat them. The
+/// node drops versions already dispatched on the live stream.
 struct Seam {
     cursor: Option<EventId>,
     snapshot: HashMap<Uuid, i64>,
-    snapshot_until: Instant,
 }
 
 impl Seam {
@@ -252,16 +252,16 @@ impl Seam {
         {
             return false;
         }
-        if !self.snapshot.is_empty() {
-            if Instant::now() > self.snapshot_until {
-                self.snapshot = HashMap::new();
-            } else if let Some(v) = frame.version
-                && self
-                    .snapshot
-                    .get(&v.order_id)
-                    .is_some_and(|seen| *seen >= v.updated_at_micros)
-            {
+        if let Some(v) = frame.version
+            && let Some(seen) = self.snapshot.get(&v.order_id).copied()
+        {
+            if seen >= v.updated_at_micros {
                 return false;
+            }
+            // The stream is past the snapshot for this order.
+            self.snapshot.remove(&v.order_id);
+            if self.snapshot.is_empty() {
+                self.snapshot = HashMap::new();
             }
         }
         if let Some(id) = frame.event_id {
@@ -314,7 +314,6 @@ pub async fn run(ctx: Arc<SessionContext>, socket: WebSocket, admission: Admissi
         seam: Seam {
             cursor: None,
             snapshot: HashMap::new(),
-            snapshot_until: Instant::now(),
         },
         revoked: None,
     };
@@ -555,7 +554,6 @@ impl Session<'_> {
             .iter()
             .map(|o| (o.id, o.updated_at.timestamp_micros()))
             .collect();
-        self.seam.snapshot_until = Instant::now() + SEAM_WINDOW;
         let frame = json!({
             "type": "snapshot",
             "orders": orders,

@@ -4,6 +4,7 @@ mod support;
 mod auth;
 mod broker_conformance;
 mod cluster;
+mod faults;
 mod fuzz;
 mod jwks;
 mod poller;

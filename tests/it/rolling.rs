@@ -2,7 +2,8 @@
 //! side by side, neither replacing nor calling the other's code; and the
 //! atomic publish step refusing bodies it cannot number.
 
-use orders_gateway::broker::redis::{FUNCTIONS, LIBRARY_VERSION, function_name};
+use orders_gateway::broker::redis::{FUNCTIONS, LIBRARY_VERSION, function_name, restaurant_key};
+use orders_gateway::domain::RestaurantId;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -90,9 +91,12 @@ async fn two_library_versions_coexist_during_a_rolling_deploy() {
     // And the old replica still finds its own functions, unchanged by the
     // new replica's install.
     let mut conn = redis.client().await;
+    let rid = RestaurantId(r);
     let (id, _): (String, i64) = redis::cmd("FCALL")
         .arg(format!("og_publish_v{}", LIBRARY_VERSION - 1))
-        .arg(0)
+        .arg(2)
+        .arg(restaurant_key(rid, "meta"))
+        .arg(restaurant_key(rid, "hist"))
         .arg(r.to_string())
         .arg("")
         .arg(json!({"type": "order_created"}).to_string())
@@ -138,10 +142,14 @@ async fn og_publish_refuses_a_body_that_brings_its_own_event_id() {
     load(&redis, FUNCTIONS).await.unwrap();
     let mut conn = redis.client().await;
     let r = Uuid::new_v4();
+    let meta = restaurant_key(RestaurantId(r), "meta");
+    let hist = restaurant_key(RestaurantId(r), "hist");
     let fcall = |body: String| {
         let mut c = redis::cmd("FCALL");
         c.arg(function_name("og_publish"))
-            .arg(0)
+            .arg(2)
+            .arg(&meta)
+            .arg(&hist)
             .arg(r.to_string())
             .arg("")
             .arg(body);
