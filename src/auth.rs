@@ -342,7 +342,7 @@ pub fn parse_jwks(body: &[u8]) -> HashMap<String, (DecodingKey, Algorithm)> {
             .common
             .key_operations
             .as_ref()
-            .is_some_and(|ops| !ops.iter().any(|o| *o == KeyOperations::Verify))
+            .is_some_and(|ops| !ops.contains(&KeyOperations::Verify))
         {
             continue;
         }
