@@ -40,6 +40,12 @@ pub struct Config {
     /// PostgreSQL URL. Unset: no poller, no snapshots, no membership lookup.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Direct connection the poller leader holds for `LISTEN orders_changed`
+    /// (the wake-up, docs/CHANGE_CAPTURE.md). Default: DATABASE_URL. Set it
+    /// when DATABASE_URL goes through a transaction-mode pooler (PgBouncer,
+    /// Supavisor), which breaks LISTEN; `off` disables the wake-up.
+    #[arg(long, env = "DATABASE_LISTEN_URL", hide_env_values = true)]
+    pub database_listen_url: Option<String>,
     /// HS256 secret (Supabase legacy JWT secret).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -195,6 +201,22 @@ impl Config {
         {
             return Err(bad("DATABASE_URL", "must be a postgres:// URL"));
         }
+        if let Some(url) = &self.database_listen_url
+            && url != "off"
+        {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(bad(
+                    "DATABASE_LISTEN_URL",
+                    "must be a postgres:// URL or off",
+                ));
+            }
+            if self.database_url.is_none() {
+                return Err(bad(
+                    "DATABASE_LISTEN_URL",
+                    "needs DATABASE_URL (the wake-up only speeds up the poller)",
+                ));
+            }
+        }
         if self.jwt_restaurant_claim.trim().is_empty() {
             return Err(bad("JWT_RESTAURANT_CLAIM", "must not be empty"));
         }
@@ -321,6 +343,15 @@ impl Config {
     }
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
+    }
+    /// Where the poller leader LISTENs for wake-ups; `None`: no wake-up
+    /// (no database, or DATABASE_LISTEN_URL=off).
+    pub fn listen_url(&self) -> Option<&str> {
+        match self.database_listen_url.as_deref() {
+            Some("off") => None,
+            Some(url) => Some(url),
+            None => self.database_url.as_deref(),
+        }
     }
     pub fn leader_ttl(&self) -> Duration {
         Duration::from_millis(self.leader_ttl_ms.unwrap_or(3 * self.poll_interval_ms))

@@ -165,6 +165,7 @@ impl Database {
     /// Every other backend (client sessions, background workers such as
     /// pg_cron or logical replication) might write, so it counts.
     pub async fn horizon(&self) -> Result<Horizon, sqlx::Error> {
+        let _timer = QueryTimer::start("horizon");
         let (db_now, oldest): (DateTime<Utc>, Option<DateTime<Utc>>) = sqlx::query_as(
             "SELECT clock_timestamp(), (SELECT min(xact_start) FROM pg_stat_activity \
              WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL \
@@ -185,6 +186,7 @@ impl Database {
         restaurants: &[Uuid],
         since: DateTime<Utc>,
     ) -> Result<Vec<Order>, sqlx::Error> {
+        let _timer = QueryTimer::start("changed_orders");
         // Not a cached prepared statement: PostgreSQL then plans every run
         // for the actual cursor and walks orders_updated_at_idx (~1 ms over a
         // million orders). A cached statement may switch to the generic plan,
@@ -209,6 +211,7 @@ impl Database {
         restaurants: &[Uuid],
         before: DateTime<Utc>,
     ) -> Result<Vec<(Uuid, Uuid, String, DateTime<Utc>)>, sqlx::Error> {
+        let _timer = QueryTimer::start("baseline");
         // Planned for its actual values, like the poll (see changed_orders).
         sqlx::query_as(BASELINE_SQL)
             .bind(restaurants)
@@ -223,6 +226,29 @@ impl Database {
             .execute(&self.pool)
             .await
             .map(|_| ())
+    }
+}
+
+/// Records a poller query's wall time (round trip and decoding) when
+/// dropped: the database time per tick (docs/BENCHMARKS.md).
+struct QueryTimer {
+    query: &'static str,
+    started: std::time::Instant,
+}
+
+impl QueryTimer {
+    fn start(query: &'static str) -> QueryTimer {
+        QueryTimer {
+            query,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for QueryTimer {
+    fn drop(&mut self) {
+        metrics::histogram!("orders_gateway_poller_query_duration_seconds", "query" => self.query)
+            .record(self.started.elapsed().as_secs_f64());
     }
 }
 

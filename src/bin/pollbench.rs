@@ -3,7 +3,9 @@
 //! ```text
 //! cargo run --release --bin pollbench -- tick      # the poll query over 1,000,000 orders
 //! cargo run --release --bin pollbench -- latency   # commit -> dashboard, poll mode
+//! cargo run --release --bin pollbench -- latency --rates 10,100,1000  # with the wake-up
 //! cargo run --release --bin pollbench -- failover  # leader SIGKILL -> next delivered event
+//! cargo run --release --bin pollbench -- triggers  # the NOTIFY triggers' cost on writes
 //! ```
 //!
 //! Every mode works in a database of its own, created on `--admin-url` and
@@ -47,6 +49,8 @@ enum Mode {
     Latency(LatencyArgs),
     /// Leader SIGKILL -> next event delivered by the new leader, three replicas.
     Failover(FailoverArgs),
+    /// Inserts and updates per second with and without the NOTIFY triggers.
+    Triggers(TriggerArgs),
     /// Run one gateway replica configured from the environment (internal).
     #[command(hide = true)]
     Serve,
@@ -96,6 +100,38 @@ struct LatencyArgs {
     /// at every phase of the poll cycle.
     #[arg(long, default_value_t = 700)]
     spacing_ms: u64,
+    /// Fixed commit rates measured in turn, commits per second (e.g.
+    /// `10,100,1000`), instead of the random spacing.
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<u32>,
+    /// Seconds per rate.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Connections committing at once (open loop: a commit is started on
+    /// schedule whenever one is free).
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// Replicas run with DATABASE_LISTEN_URL=off: periodic poll only.
+    #[arg(long)]
+    listen_off: bool,
+}
+
+#[derive(Args)]
+struct TriggerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Concurrent writer connections, each measured in turn.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    writers: Vec<usize>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Alternations of with/without (the machine is shared: interleave).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Orders written over this many restaurants.
+    #[arg(long, default_value_t = 100)]
+    restaurants: usize,
 }
 
 #[derive(Args)]
@@ -126,6 +162,7 @@ fn main() -> anyhow::Result<()> {
             Mode::Tick(a) => tick(a).await,
             Mode::Latency(a) => latency(a).await,
             Mode::Failover(a) => failover(a).await,
+            Mode::Triggers(a) => triggers(a).await,
             Mode::Serve => unreachable!(),
         }
     })
@@ -322,7 +359,10 @@ async fn latency(a: LatencyArgs) -> anyhow::Result<()> {
     let scratch = Scratch::create(&a.common).await?;
     let db = Database::connect(&scratch.url)?;
     db.migrate().await?;
-    let env = replica_env(&redis, &scratch, a.interval_ms, None);
+    let mut env = replica_env(&redis, &scratch, a.interval_ms, None);
+    if a.listen_off {
+        env.push(("DATABASE_LISTEN_URL".to_string(), "off".to_string()));
+    }
     let replicas = vec![Replica::start(&env).await?, Replica::start(&env).await?];
     let (_, holder) = wait_leader(&redis, None).await?;
     // Listen on the replica that does not poll: the event crosses Redis.
@@ -334,6 +374,18 @@ async fn latency(a: LatencyArgs) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let reader = tokio::spawn(read_dashboard(listen.addr, restaurant, 0, tx));
     wait_watched(&redis, restaurant).await?;
+    if !a.rates.is_empty() {
+        let leader = replicas
+            .iter()
+            .find(|r| r.instance_id == holder)
+            .context("the leader")?;
+        let out = at_rates(&a, &scratch.url, restaurant, leader.addr, &mut rx).await;
+        reader.abort();
+        drop(replicas);
+        db.pool().close().await;
+        scratch.drop().await?;
+        return out;
+    }
 
     let pool = db.pool().clone();
     let mut committed: HashMap<Uuid, Instant> = HashMap::new();
@@ -382,6 +434,317 @@ async fn latency(a: LatencyArgs) -> anyhow::Result<()> {
     drop(replicas);
     pool.close().await;
     scratch.drop().await
+}
+
+/// Commit -> dashboard at fixed rates, one after the other, with the
+/// leader's poller metrics over each phase.
+async fn at_rates(
+    a: &LatencyArgs,
+    url: &str,
+    restaurant: Uuid,
+    leader: SocketAddr,
+    rx: &mut mpsc::UnboundedReceiver<Received>,
+) -> anyhow::Result<()> {
+    println!(
+        "POLL_INTERVAL_MS={}, wake-up {}, dashboard on the follower, {} s per rate, \
+         up to {} commits in flight; {}",
+        a.interval_ms,
+        if a.listen_off { "off" } else { "on" },
+        a.seconds,
+        a.writers,
+        load_note()
+    );
+    let pool = PgPoolOptions::new()
+        .max_connections(a.writers as u32 + 1)
+        .connect(url)
+        .await?;
+    for &rate in &a.rates {
+        let before = scrape(leader).await?;
+        let commits: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
+        let slots = Arc::new(tokio::sync::Semaphore::new(a.writers));
+        let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let phase = Instant::now();
+        let total = u64::from(rate) * a.seconds;
+        let mut late = 0;
+        let mut tasks = Vec::new();
+        for _ in 0..total {
+            every.tick().await;
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(s) => s,
+                Err(_) => {
+                    late += 1;
+                    slots.clone().acquire_owned().await?
+                }
+            };
+            let (pool, commits) = (pool.clone(), commits.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Ok(id) = insert_order(&pool, restaurant).await {
+                    commits.lock().unwrap().insert(id, Instant::now());
+                }
+                drop(slot);
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let elapsed = phase.elapsed();
+        let committed = std::mem::take(&mut *commits.lock().unwrap());
+        let mut received: HashMap<Uuid, Vec<Instant>> = HashMap::new();
+        let deadline = Instant::now() + Duration::from_millis(2 * a.interval_ms + 2000);
+        while received.len() < committed.len() || Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, rx.recv()).await {
+                Ok(Some(ev)) => received.entry(ev.order).or_default().push(ev.at),
+                _ => break,
+            }
+            // All in: one more short wait catches repeats, then move on.
+            if received.len() >= committed.len() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                while let Ok(ev) = rx.try_recv() {
+                    received.entry(ev.order).or_default().push(ev.at);
+                }
+                break;
+            }
+        }
+        let after = scrape(leader).await?;
+        let mut lat: Vec<Duration> = committed
+            .iter()
+            .filter_map(|(id, c)| received.get(id).map(|r| r[0].saturating_duration_since(*c)))
+            .collect();
+        let missing = committed.len() - lat.len();
+        let duplicates = received.values().filter(|v| v.len() > 1).count();
+        let d = |series: &str| metric(&after, series) - metric(&before, series);
+        let secs = elapsed.as_secs_f64();
+        let ticks = ["interval", "notify", "reconnect"].map(|c| {
+            d(&format!(
+                "orders_gateway_poller_ticks_total{{cause=\"{c}\"}}"
+            ))
+        });
+        let all_ticks: f64 = ticks.iter().sum();
+        let db_ms: f64 = ["horizon", "changed_orders", "baseline"]
+            .iter()
+            .map(|q| {
+                d(&format!(
+                    "orders_gateway_poller_query_duration_seconds_sum{{query=\"{q}\"}}"
+                ))
+            })
+            .sum::<f64>()
+            * 1000.0;
+        let tick_ms = d("orders_gateway_poller_tick_duration_seconds_sum") * 1000.0;
+        let rows = d("orders_gateway_poller_rows_total");
+        println!(
+            "\n{rate}/s: {} commits in {:.1} s ({:.0}/s, {late} started late)\n  \
+             commit -> dashboard: {}\n  missing {missing}, delivered twice {duplicates}\n  \
+             leader: {:.1} ticks/s (interval {:.0}, notify {:.0}, reconnect {:.0}); \
+             {:.0} notifications; per tick: {:.2} ms in the database, {:.2} ms in all, {:.0} rows read",
+            committed.len(),
+            secs,
+            committed.len() as f64 / secs,
+            summary(&mut lat),
+            all_ticks / secs,
+            ticks[0],
+            ticks[1],
+            ticks[2],
+            d("orders_gateway_poller_wakeups_total"),
+            db_ms / all_ticks.max(1.0),
+            tick_ms / all_ticks.max(1.0),
+            rows / all_ticks.max(1.0),
+        );
+    }
+    println!("\n{}", load_note());
+    pool.close().await;
+    Ok(())
+}
+
+/// The leader's /metrics.
+async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    Ok(reqwest::get(format!("http://{addr}/metrics"))
+        .await?
+        .text()
+        .await?)
+}
+
+/// One series' value in Prometheus text (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The machine is shared: say how busy it was.
+fn load_note() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let psi = std::fs::read_to_string("/proc/pressure/cpu").unwrap_or_default();
+    let some = psi
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("avg10=?");
+    format!(
+        "load average {} (2 vCPU), CPU pressure some {some}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+// ---------------------------------------------------------------- triggers
+
+const NOTIFY_TRIGGERS: [(&str, &str); 6] = [
+    ("orders", "orders_notify_insert"),
+    ("orders", "orders_notify_update"),
+    ("orders", "orders_notify_delete"),
+    ("order_items", "order_items_notify_insert"),
+    ("order_items", "order_items_notify_update"),
+    ("order_items", "order_items_notify_delete"),
+];
+
+async fn triggers(a: TriggerArgs) -> anyhow::Result<()> {
+    let scratch = Scratch::create(&a.common).await?;
+    let db = Database::connect(&scratch.url)?;
+    db.migrate().await?;
+    let max_writers = a.writers.iter().copied().max().unwrap_or(1);
+    let pool = PgPoolOptions::new()
+        .max_connections(max_writers as u32 + 1)
+        .connect(&scratch.url)
+        .await?;
+    let restaurants: Vec<Uuid> = (0..a.restaurants).map(|_| Uuid::new_v4()).collect();
+    // Rows to update, spread out so that writers rarely wait on a row lock.
+    let targets: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO orders (id, order_number, restaurant_id, order_status, total_price) \
+         SELECT gen_random_uuid(), 'U-' || g, ($1::uuid[])[1 + g % cardinality($1::uuid[])], \
+                'pending', 10.00 \
+         FROM generate_series(0, 9999) g RETURNING id",
+    )
+    .bind(&restaurants)
+    .fetch_all(&pool)
+    .await?;
+    // A listener drains the notifications, as the gateway's leader would.
+    let heard = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let listener = {
+        let mut l = sqlx::postgres::PgListener::connect(&scratch.url).await?;
+        l.listen("orders_changed").await?;
+        let heard = heard.clone();
+        tokio::spawn(async move {
+            while l.recv().await.is_ok() {
+                heard.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    println!(
+        "{} s per measurement, {} rounds alternating with/without the NOTIFY triggers, \
+         orders over {} restaurants; insert = one order + one item (one statement), \
+         update = one order's status by id, each its own transaction; {}",
+        a.seconds,
+        a.rounds,
+        a.restaurants,
+        load_note()
+    );
+    println!(
+        "\n| writers | work | with triggers /s | without /s | with / without |\n|---|---|---|---|---|"
+    );
+    let targets = Arc::new(targets);
+    let restaurants = Arc::new(restaurants);
+    for &writers in &a.writers {
+        for work in ["insert", "update"] {
+            let (mut with, mut without) = (0.0, 0.0);
+            for _ in 0..a.rounds {
+                for enabled in [true, false] {
+                    set_notify_triggers(&pool, enabled).await?;
+                    let rate = write_rate(
+                        &pool,
+                        writers,
+                        work,
+                        Duration::from_secs(a.seconds),
+                        &restaurants,
+                        &targets,
+                    )
+                    .await?;
+                    if enabled {
+                        with += rate;
+                    } else {
+                        without += rate;
+                    }
+                }
+            }
+            let n = a.rounds as f64;
+            println!(
+                "| {writers} | {work} | {:.0} | {:.0} | {:.2} |",
+                with / n,
+                without / n,
+                with / without.max(1.0)
+            );
+        }
+    }
+    set_notify_triggers(&pool, true).await?;
+    println!(
+        "\nnotifications received by the listener: {}; {}",
+        heard.load(std::sync::atomic::Ordering::Relaxed),
+        load_note()
+    );
+    listener.abort();
+    pool.close().await;
+    db.pool().close().await;
+    scratch.drop().await
+}
+
+async fn set_notify_triggers(pool: &PgPool, enabled: bool) -> anyhow::Result<()> {
+    let verb = if enabled { "ENABLE" } else { "DISABLE" };
+    for (table, trigger) in NOTIFY_TRIGGERS {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "ALTER TABLE {table} {verb} TRIGGER {trigger}"
+        )))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Commits per second by `writers` connections doing `work` for `d`.
+async fn write_rate(
+    pool: &PgPool,
+    writers: usize,
+    work: &'static str,
+    d: Duration,
+    restaurants: &Arc<Vec<Uuid>>,
+    targets: &Arc<Vec<Uuid>>,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let until = started + d;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (pool, restaurants, targets) = (pool.clone(), restaurants.clone(), targets.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            let mut i = w;
+            while Instant::now() < until {
+                let ok = if work == "insert" {
+                    insert_order(&pool, restaurants[i % restaurants.len()])
+                        .await
+                        .is_ok()
+                } else {
+                    sqlx::query(
+                        "UPDATE orders SET order_status = CASE order_status \
+                         WHEN 'pending' THEN 'confirmed' ELSE 'pending' END WHERE id = $1",
+                    )
+                    .bind(targets[(i * 7919) % targets.len()])
+                    .execute(&pool)
+                    .await
+                    .is_ok()
+                };
+                n += u64::from(ok);
+                i += writers;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await?;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
 // ---------------------------------------------------------------- failover

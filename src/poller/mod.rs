@@ -4,9 +4,11 @@
 //! already reported, publish the changes through the same atomic step as
 //! everyone else (deduplicated by order version, fenced by the lease), and
 //! save progress (fenced too). See docs/CHANGE_CAPTURE.md for why no commit
-//! is missed.
+//! is missed. Between periodic ticks, [`wakeup`] ticks at once when a
+//! writer's trigger notifies.
 
 pub mod diff;
+pub mod wakeup;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use crate::config::Config;
 use crate::db::Database;
 use crate::domain::{EventBody, RestaurantId, format_timestamp, is_open_status};
 use diff::{Known, diff, published_micros};
+use wakeup::{Cause, Wakeup};
 
 /// Never look further back than this, even for an older open transaction
 /// (an idle-in-transaction session must not make every tick re-read hours).
@@ -42,6 +45,8 @@ pub struct Poller {
     interval: Duration,
     ttl: Duration,
     overlap: Duration,
+    /// `LISTEN` connection for the wake-up; `None`: periodic ticks only.
+    listen_url: Option<String>,
 }
 
 /// The leader's working memory; mirrored in the backend for failover.
@@ -49,6 +54,12 @@ pub struct Poller {
 struct Progress {
     /// Next poll reads rows written at or after this.
     cursor: Option<DateTime<Utc>>,
+    /// Next *immediate* tick reads rows written at or after this: the same
+    /// horizon without the POLL_OVERLAP_MS safety margin (MIN_OVERLAP
+    /// only), so that a tick per notification reads what is new rather
+    /// than the last ten seconds. Never saved; the periodic tick re-reads
+    /// from `cursor` and catches whatever this one might have missed.
+    fast_cursor: Option<DateTime<Utc>>,
     known: HashMap<RestaurantId, HashMap<Uuid, Known>>,
 }
 
@@ -69,6 +80,7 @@ impl Poller {
             interval: cfg.poll_interval(),
             ttl: cfg.leader_ttl(),
             overlap: Duration::from_millis(cfg.poll_overlap_ms).max(MIN_OVERLAP),
+            listen_url: cfg.listen_url().map(str::to_string),
         }
     }
 
@@ -123,13 +135,28 @@ impl Poller {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_success = Instant::now();
+        // The listener follows the lock: started here, stopped below.
+        let mut wake = self.listen_url.clone().map(Wakeup::start);
         loop {
-            tokio::select! {
+            let cause = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = lost.cancelled() => break,
-                _ = tick.tick() => {}
-            }
+                _ = tick.tick() => Cause::Interval,
+                _ = wakeup::wanted(wake.as_ref()) => Cause::Notify,
+            };
+            // Ticks run one at a time; this one covers every notification
+            // received so far (its snapshot comes later).
+            let cause = match (cause, wake.as_mut()) {
+                (Cause::Interval, Some(w)) => {
+                    w.clear();
+                    Cause::Interval
+                }
+                (Cause::Interval, None) => Cause::Interval,
+                (_, Some(w)) => w.take(),
+                (c, None) => c,
+            };
+            let full = cause != Cause::Notify;
             let started = Instant::now();
             let outcome = async {
                 if !loaded {
@@ -138,7 +165,7 @@ impl Poller {
                 }
                 // Losing the lease mid-tick aborts the tick at once.
                 tokio::select! {
-                    r = self.tick(lease, &mut progress) => r,
+                    r = self.tick(lease, &mut progress, full) => r,
                     _ = lost.cancelled() => Err(TickError::Broker(BrokerError::Fenced)),
                 }
             }
@@ -146,7 +173,8 @@ impl Poller {
             match outcome {
                 Ok(rows) => {
                     last_success = Instant::now();
-                    metrics::counter!("orders_gateway_poller_ticks_total").increment(1);
+                    metrics::counter!("orders_gateway_poller_ticks_total", "cause" => cause.label())
+                        .increment(1);
                     metrics::counter!("orders_gateway_poller_rows_total").increment(rows as u64);
                     metrics::histogram!("orders_gateway_poller_tick_duration_seconds")
                         .record(started.elapsed().as_secs_f64());
@@ -164,6 +192,9 @@ impl Poller {
             metrics::gauge!("orders_gateway_poller_lag_seconds")
                 .set(last_success.elapsed().as_secs_f64());
         }
+        if let Some(w) = wake {
+            w.stop().await;
+        }
         lost.cancel();
         let _ = renewer.await;
     }
@@ -176,6 +207,7 @@ impl Poller {
             cursor: saved
                 .cursor_micros
                 .and_then(DateTime::<Utc>::from_timestamp_micros),
+            fast_cursor: None,
             known: HashMap::new(),
         };
         for (r, fields) in saved.restaurants {
@@ -188,8 +220,15 @@ impl Poller {
         Ok(progress)
     }
 
-    /// One poll. Returns the number of rows read.
-    async fn tick(&self, lease: &Lease, progress: &mut Progress) -> Result<usize, TickError> {
+    /// One poll. Returns the number of rows read. `full`: read from the
+    /// saved cursor and move it (periodic tick); otherwise an immediate tick
+    /// reads from the fast cursor and leaves the saved one alone.
+    async fn tick(
+        &self,
+        lease: &Lease,
+        progress: &mut Progress,
+        full: bool,
+    ) -> Result<usize, TickError> {
         let active: HashSet<RestaurantId> = self
             .backend
             .active_restaurants()
@@ -201,12 +240,23 @@ impl Poller {
         // see belongs to a transaction that started after `next_cursor`.
         let horizon = self.db.horizon().await?;
         let floor = horizon.db_now - delta(MAX_LOOKBACK);
-        let next_cursor = horizon
-            .oldest_open_transaction
-            .unwrap_or(horizon.db_now)
-            .min(horizon.db_now - delta(self.overlap))
-            .max(floor);
-        let since = progress.cursor.unwrap_or(next_cursor);
+        let at_horizon = |overlap: Duration| {
+            horizon
+                .oldest_open_transaction
+                .unwrap_or(horizon.db_now)
+                .min(horizon.db_now - delta(overlap))
+                .max(floor)
+        };
+        let next_fast_cursor = at_horizon(MIN_OVERLAP);
+        // An immediate tick moves only the fast cursor: the saved one, and
+        // with it the POLL_OVERLAP_MS margin, belongs to periodic ticks.
+        let (since, next_cursor) = match (full, progress.cursor, progress.fast_cursor) {
+            (false, Some(cursor), Some(fast)) => (fast, cursor),
+            (_, cursor, _) => {
+                let next = at_horizon(self.overlap);
+                (cursor.unwrap_or(next), next)
+            }
+        };
 
         let mut delta_state = PollerStateDelta {
             cursor_micros: next_cursor.timestamp_micros(),
@@ -357,6 +407,7 @@ impl Poller {
         delta_state.changes = changes.into_iter().collect();
         self.backend.save_poller_state(lease, &delta_state).await?;
         progress.cursor = Some(next_cursor);
+        progress.fast_cursor = Some(next_fast_cursor);
         Ok(rows.len())
     }
 }

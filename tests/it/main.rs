@@ -13,4 +13,5 @@ mod rolling;
 mod startup;
 mod supervision;
 mod topology;
+mod wakeup;
 mod websocket;

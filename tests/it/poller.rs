@@ -64,7 +64,7 @@ async fn watched_replicas(
 }
 
 /// A dashboard past its greeting and snapshot; returns the snapshot.
-async fn board(ws_url: String) -> (Ws, Value) {
+pub(crate) async fn board(ws_url: String) -> (Ws, Value) {
     let mut ws = Ws::connect(&ws_url).await;
     let hello = ws.json().await;
     assert_eq!(hello["type"], "connection_established", "{hello}");
@@ -74,7 +74,7 @@ async fn board(ws_url: String) -> (Ws, Value) {
 }
 
 /// The next frame within `limit`, or panic.
-async fn next_event(ws: &mut Ws, limit: Duration) -> Value {
+pub(crate) async fn next_event(ws: &mut Ws, limit: Duration) -> Value {
     match ws.next(limit).await {
         Next::Json(v) => v,
         other => panic!("expected an event within {limit:?}, got {other:?}"),
@@ -82,7 +82,7 @@ async fn next_event(ws: &mut Ws, limit: Duration) -> Value {
 }
 
 /// Read frames until `done` holds for what was read, or panic at `limit`.
-async fn read_until(
+pub(crate) async fn read_until(
     ws: &mut Ws,
     limit: Duration,
     mut done: impl FnMut(&[Value]) -> bool,
@@ -99,7 +99,7 @@ async fn read_until(
     out
 }
 
-fn order_id(ev: &Value) -> Uuid {
+pub(crate) fn order_id(ev: &Value) -> Uuid {
     ev["order"]["id"]
         .as_str()
         .and_then(|s| s.parse().ok())
@@ -108,7 +108,7 @@ fn order_id(ev: &Value) -> Uuid {
 
 /// Orders created, each once: `ids` all arrived as `order_created`, and no
 /// order (of those or any other) arrived twice.
-fn assert_created_once(events: &[Value], ids: &HashSet<Uuid>) {
+pub(crate) fn assert_created_once(events: &[Value], ids: &HashSet<Uuid>) {
     let mut seen: HashMap<Uuid, usize> = HashMap::new();
     for ev in events {
         assert_eq!(ev["type"], "order_created", "{ev}");

@@ -50,6 +50,18 @@ fn bad_configuration_is_one_line_naming_the_variable() {
         (vec![secret, ("POLL_INTERVAL_MS", "5")], "POLL_INTERVAL_MS"),
         (vec![secret, ("REDIS_URL", "http://x")], "REDIS_URL"),
         (vec![secret, ("DATABASE_URL", "mysql://x")], "DATABASE_URL"),
+        (
+            vec![
+                secret,
+                ("DATABASE_URL", "postgres://db/orders"),
+                ("DATABASE_LISTEN_URL", "no"),
+            ],
+            "DATABASE_LISTEN_URL",
+        ),
+        (
+            vec![secret, ("DATABASE_LISTEN_URL", "postgres://db/orders")],
+            "DATABASE_LISTEN_URL",
+        ),
         (vec![secret, ("LOG_FORMAT", "xml")], "LOG_FORMAT"),
         (vec![secret, ("PUBLISH_API_KEY", "abc")], "PUBLISH_API_KEY"),
         (vec![("JWT_JWKS_URL", "ftp://keys")], "JWT_JWKS_URL"),
