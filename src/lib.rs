@@ -7,6 +7,7 @@
 //! http     router, extractors, ApiError
 //! session  one socket: catch-up, then one select! loop; close codes;
 //!          membership re-check of open sockets
+//! snapshots one shared snapshot read per restaurant at a time (single flight)
 //! access   token -> restaurant (claim or membership), for connect and refresh
 //! node     hub + broker: subscribe on first socket, lazy unsubscribe, fan-out
 //! poller   leader-elected change capture: diff (pure) + SQL + publish
@@ -32,4 +33,5 @@ pub mod hub;
 pub mod node;
 pub mod poller;
 pub mod session;
+pub mod snapshots;
 pub mod tasks;

@@ -726,3 +726,19 @@ impl Drop for TcpProxy {
         self.task.abort();
     }
 }
+
+/// `n` open orders of `restaurant` in one statement (no items): big
+/// snapshots without a slow test.
+pub async fn bulk_orders(pool: &sqlx::PgPool, restaurant: Uuid, n: i32) {
+    sqlx::query(
+        "INSERT INTO orders (id, order_number, restaurant_id, table_number, customer_name, \
+         customer_phone, order_status, payment_status, payment_method, total_price, estimated_time) \
+         SELECT gen_random_uuid(), 'ORD-' || g, $1, 7, 'Guest number ' || g, '+100', 'pending', \
+         'pending', 'cash', 25.50, 15 FROM generate_series(1, $2) g",
+    )
+    .bind(restaurant)
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap();
+}
