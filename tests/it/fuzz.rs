@@ -23,6 +23,20 @@ use crate::support::{
     Gateway, Next, PUBLISH_KEY, SECRET, Ws, config, dashboard, order_json, token,
 };
 
+/// Found by `channel_payloads_get_their_documented_verdict`: serde reads a
+/// struct from a JSON array, so `["order_created"]` passed as an event.
+#[test]
+fn a_json_array_on_a_channel_is_not_an_event() {
+    let r = RestaurantId(Uuid::new_v4());
+    for payload in [r#"["order_created"]"#, r#"["a","",null]"#, r#" ["x"]"#] {
+        assert_eq!(
+            Frame::parse(r, Utf8Bytes::from(payload)).err(),
+            Some(FrameError::NotAnEvent),
+            "{payload}"
+        );
+    }
+}
+
 /// Any JSON value, a few levels deep.
 fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
