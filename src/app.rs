@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::access::Access;
 use crate::auth::{OriginPolicy, Verifier};
 use crate::broker::cluster::ClusterBroker;
 use crate::broker::memory::MemoryBroker;
@@ -31,8 +32,9 @@ use crate::http::{AppState, router, server};
 use crate::hub::Hub;
 use crate::node::Node;
 use crate::poller::Poller;
-use crate::session::SessionContext;
+use crate::session::{MembershipWatch, SessionContext, watch_memberships};
 use crate::snapshots::Snapshots;
+use crate::tasks::Supervisor;
 
 /// How many sockets send their close frame at once during shutdown.
 const CLOSE_CONCURRENCY: usize = 512;
@@ -88,17 +90,25 @@ impl App {
             .await
             .with_context(|| format!("BIND_ADDR: cannot listen on {}", config.bind_addr))?;
         let background = CancellationToken::new();
+        let supervisor = Supervisor::new(background.clone());
         let (inbound_tx, inbound) = mpsc::channel(INBOUND_CAPACITY);
         let limits = config.history_limits();
         let instance_id = config.instance_id().to_string();
         let backend: Arc<dyn Backend> = match config.redis_mode() {
             Some(RedisMode::Single(url)) => Arc::new(
-                RedisBroker::start(&url, &instance_id, inbound_tx, limits, background.clone())
-                    .await
-                    .context("REDIS_URL")?,
+                RedisBroker::start_supervised(
+                    &url,
+                    &instance_id,
+                    inbound_tx,
+                    limits,
+                    background.clone(),
+                    &supervisor,
+                )
+                .await
+                .context("REDIS_URL")?,
             ),
             Some(RedisMode::Sentinel { sentinels, master }) => Arc::new(
-                RedisBroker::start_sentinel(
+                RedisBroker::start_sentinel_supervised(
                     Sentinels {
                         urls: sentinels,
                         master,
@@ -107,6 +117,7 @@ impl App {
                     inbound_tx,
                     limits,
                     background.clone(),
+                    &supervisor,
                 )
                 .await
                 .context("REDIS_SENTINEL_URLS")?,
@@ -154,7 +165,9 @@ impl App {
             .map(|db| Poller::new(db.clone(), backend.clone(), &config));
         let sessions = Arc::new(SessionContext {
             node: node.clone(),
-            verifier: verifier.clone(),
+            access: Access::new(verifier.clone(), db.clone()),
+            members: MembershipWatch::default(),
+            membership_recheck: Duration::from_millis(config.membership_recheck_ms),
             snapshots: snapshots.map(|s| Snapshots::new(s, node.clone(), SNAPSHOT_READS)),
             heartbeat_interval: config.heartbeat_interval(),
             send_queue_capacity: config.send_queue_capacity,
@@ -173,6 +186,7 @@ impl App {
             database_configured: config.database_url.is_some(),
             draining: Arc::new(AtomicBool::new(false)),
             prometheus: prometheus(),
+            tasks: supervisor,
         };
         Ok(App {
             listener,
@@ -211,24 +225,51 @@ impl App {
         tracing::info!(%addr, instance_id = %node.instance_id(), "orders-gateway listening");
         // Background tasks log with this replica's id (sockets add theirs).
         let span = tracing::info_span!("gateway", instance_id = %node.instance_id());
+        // Supervised: a panic in any of them is logged, counted and makes
+        // /readyz fail, instead of silently leaving a half-working replica.
+        let sup = state.tasks.clone();
         let tasks = TaskTracker::new();
         {
             let node = node.clone();
-            tasks.spawn(async move { node.dispatch(inbound).await }.instrument(span.clone()));
+            let task = sup.spawn(
+                "dispatcher",
+                async move { node.dispatch(inbound).await }.instrument(span.clone()),
+            );
+            tasks.spawn(task);
         }
         {
             let node = node.clone();
             let stop = background.clone();
-            tasks.spawn(async move { node.maintain(stop).await }.instrument(span.clone()));
+            let task = sup.spawn(
+                "maintain",
+                async move { node.maintain(stop).await }.instrument(span.clone()),
+            );
+            tasks.spawn(task);
         }
         let poller_task = poller.map(|p| {
             let stop = background.clone();
-            tokio::spawn(async move { p.run(stop).await }.instrument(span.clone()))
+            sup.spawn(
+                "poller",
+                async move { p.run(stop).await }.instrument(span.clone()),
+            )
         });
+        if state.db.is_some() {
+            let ctx = state.sessions.clone();
+            let stop = background.clone();
+            let task = sup.spawn(
+                "membership_recheck",
+                async move { watch_memberships(ctx, stop).await }.instrument(span.clone()),
+            );
+            tasks.spawn(task);
+        }
         if let Some(demo) = demo {
             let stop = background.clone();
             let base = format!("http://{}", display_addr(addr));
-            tasks.spawn(async move { demo.run(base, stop).await }.instrument(span.clone()));
+            let task = sup.spawn(
+                "demo",
+                async move { demo.run(base, stop).await }.instrument(span.clone()),
+            );
+            tasks.spawn(task);
         }
         state.verifier.warm_up().await;
         node.heartbeat().await;

@@ -5,11 +5,12 @@
 //! HTTP.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde_json::Value;
 
@@ -88,29 +89,42 @@ struct Inner {
 }
 
 /// Keys from the JWKS document, cached and refetched when a token names a
-/// `kid` we do not have (key rotation), at most once per `REFETCH_COOLDOWN`.
+/// `kid` we do not have (key rotation). Refetches are single-flight: one at
+/// a time, shared by every token waiting for it, at most one per
+/// `REFETCH_COOLDOWN`. A token with an unknown `kid` waits for a fetch that
+/// started after it arrived (never fails just because one happened a
+/// moment earlier); an empty or broken document never drops known keys.
 struct Jwks {
     url: String,
     client: reqwest::Client,
     /// Read on every token, written on refetch: a std RwLock, never held
     /// across the fetch.
     keys: RwLock<HashMap<String, (DecodingKey, Algorithm)>>,
-    /// Serializes refetches and remembers when the last one happened.
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Fetches started so far; read without the lock by arriving tokens.
+    started: AtomicU64,
+    /// Held by the one fetch in flight (a tokio Mutex, on purpose held
+    /// across it: waiters queue behind it instead of fetching again); holds
+    /// when the last fetch started, for the cooldown.
+    fetching: tokio::sync::Mutex<Option<Instant>>,
 }
 
-const REFETCH_COOLDOWN: Duration = Duration::from_secs(10);
+/// Minimum time between two fetches of the JWKS document: bounds what a
+/// flood of tokens with made-up `kid`s costs the identity provider.
+const REFETCH_COOLDOWN: Duration = Duration::from_secs(1);
+/// One fetch of the JWKS document.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Verifier {
     pub fn new(cfg: &Config) -> Verifier {
         let jwks = cfg.jwt_jwks_url.as_ref().map(|url| Jwks {
             url: url.clone(),
             client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
+                .timeout(FETCH_TIMEOUT)
                 .build()
                 .expect("HTTP client builds"),
             keys: RwLock::new(HashMap::new()),
-            last_fetch: tokio::sync::Mutex::new(None),
+            started: AtomicU64::new(0),
+            fetching: tokio::sync::Mutex::new(None),
         });
         Verifier {
             inner: Arc::new(Inner {
@@ -135,7 +149,8 @@ impl Verifier {
     /// verification retries).
     pub async fn warm_up(&self) {
         if let Some(jwks) = &self.inner.jwks {
-            jwks.refetch(true).await;
+            let mut last = jwks.fetching.lock().await;
+            jwks.fetch(&mut last).await;
         }
     }
 
@@ -224,20 +239,34 @@ impl Verifier {
 impl Jwks {
     async fn key(&self, kid: Option<&str>) -> Result<(DecodingKey, Algorithm), AuthError> {
         let kid = kid.unwrap_or("");
+        // Read before the lookup: any fetch numbered above this one started
+        // after the lookup missed, so it saw the document as of now or later.
+        let arrived = self.started.load(Ordering::Acquire);
         if let Some(k) = self.lookup(kid) {
             return Ok(k);
         }
-        if !self.refetch(false).await {
-            let empty = self
-                .keys
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_empty();
-            if empty {
-                return Err(AuthError::KeysUnavailable);
+        let mut last = self.fetching.lock().await;
+        if self.started.load(Ordering::Acquire) == arrived {
+            // No fetch began since we looked: run one, after the cooldown
+            // (waiting tokens queue on the lock meanwhile and share it).
+            if let Some(at) = *last {
+                tokio::time::sleep_until((at + REFETCH_COOLDOWN).into()).await;
             }
+            self.fetch(&mut last).await;
         }
-        self.lookup(kid).ok_or(AuthError::UnknownKey)
+        drop(last);
+        match self.lookup(kid) {
+            Some(k) => Ok(k),
+            None if self.is_empty() => Err(AuthError::KeysUnavailable),
+            None => Err(AuthError::UnknownKey),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     fn lookup(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
@@ -249,13 +278,12 @@ impl Jwks {
         keys.get(kid).cloned()
     }
 
-    /// Returns false when no fetch succeeded (failure or cooldown).
-    async fn refetch(&self, force: bool) -> bool {
-        let mut last = self.last_fetch.lock().await;
-        if !force && last.is_some_and(|t| t.elapsed() < REFETCH_COOLDOWN) {
-            return false;
-        }
+    /// Fetch the document (caller holds `fetching`). Known keys are replaced
+    /// only by a document with at least one usable key.
+    async fn fetch(&self, last: &mut Option<Instant>) {
         *last = Some(Instant::now());
+        self.started.fetch_add(1, Ordering::AcqRel);
+        metrics::counter!("orders_gateway_jwks_fetches_total").increment(1);
         let fetched = async {
             let resp = self
                 .client
@@ -263,36 +291,80 @@ impl Jwks {
                 .send()
                 .await?
                 .error_for_status()?;
-            resp.json::<JwkSet>().await
+            resp.bytes().await
         }
         .await;
-        match fetched {
-            Ok(set) => {
-                let mut keys = HashMap::new();
-                for jwk in &set.keys {
-                    let alg = match &jwk.algorithm {
-                        AlgorithmParameters::RSA(_) => Algorithm::RS256,
-                        AlgorithmParameters::EllipticCurve(ec)
-                            if ec.curve == EllipticCurve::P256 =>
-                        {
-                            Algorithm::ES256
-                        }
-                        _ => continue,
-                    };
-                    if let Ok(key) = DecodingKey::from_jwk(jwk) {
-                        keys.insert(jwk.common.key_id.clone().unwrap_or_default(), (key, alg));
-                    }
-                }
-                tracing::info!(keys = keys.len(), "JWKS fetched");
-                *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
-                true
-            }
+        let body = match fetched {
+            Ok(b) => b,
             Err(e) => {
-                tracing::warn!(error = %e, url = %self.url, "JWKS fetch failed");
-                false
+                tracing::warn!(error = %e, url = %self.url, "JWKS fetch failed; keeping known keys");
+                metrics::counter!("orders_gateway_jwks_fetch_failures_total").increment(1);
+                return;
             }
+        };
+        let keys = parse_jwks(&body);
+        if keys.is_empty() {
+            tracing::warn!(url = %self.url, "JWKS document has no usable signing key; keeping known keys");
+            metrics::counter!("orders_gateway_jwks_fetch_failures_total").increment(1);
+            return;
+        }
+        tracing::info!(keys = keys.len(), "JWKS fetched");
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+    }
+}
+
+/// The usable signing keys of a JWKS document, by `kid`; anything else
+/// (not JSON, no `keys` array, a key that does not parse, `use` other than
+/// `sig`, an `alg` other than RS256/ES256 or not matching the key type,
+/// a curve other than P-256, a repeated `kid`) is skipped. Never panics.
+pub fn parse_jwks(body: &[u8]) -> HashMap<String, (DecodingKey, Algorithm)> {
+    let mut keys = HashMap::new();
+    let Ok(doc) = serde_json::from_slice::<Value>(body) else {
+        return keys;
+    };
+    let Some(list) = doc.get("keys").and_then(Value::as_array) else {
+        return keys;
+    };
+    for raw in list {
+        if raw.get("use").is_some_and(|u| u.as_str() != Some("sig")) {
+            continue;
+        }
+        let declared = match raw.get("alg") {
+            None => None,
+            Some(Value::String(a)) if a == "RS256" => Some(Algorithm::RS256),
+            Some(Value::String(a)) if a == "ES256" => Some(Algorithm::ES256),
+            Some(_) => continue,
+        };
+        let Ok(jwk) = serde_json::from_value::<Jwk>(raw.clone()) else {
+            continue;
+        };
+        if jwk
+            .common
+            .key_operations
+            .as_ref()
+            .is_some_and(|ops| !ops.contains(&KeyOperations::Verify))
+        {
+            continue;
+        }
+        let by_type = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+                Algorithm::ES256
+            }
+            _ => continue,
+        };
+        if declared.is_some_and(|d| d != by_type) {
+            continue;
+        }
+        let kid = jwk.common.key_id.clone().unwrap_or_default();
+        if keys.contains_key(&kid) {
+            continue;
+        }
+        if let Ok(key) = DecodingKey::from_jwk(&jwk) {
+            keys.insert(kid, (key, by_type));
         }
     }
+    keys
 }
 
 /// The allowed-origin check for browser sockets.

@@ -121,6 +121,11 @@ pub struct Config {
     /// How long a replica's registration outlives its last heartbeat.
     #[arg(long, env = "PRESENCE_TTL_MS", default_value_t = 20_000)]
     pub presence_ttl_ms: u64,
+    /// How often open sockets admitted through `restaurant_members` are
+    /// re-checked (one batched query per replica): a removed member's
+    /// sockets close with 4403 within this period.
+    #[arg(long, env = "MEMBERSHIP_RECHECK_MS", default_value_t = 30_000)]
+    pub membership_recheck_ms: u64,
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -153,6 +158,27 @@ fn bad(var: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         var,
         reason: reason.into(),
+    }
+}
+
+const MINUTE_MS: u64 = 60_000;
+const HOUR_MS: u64 = 60 * MINUTE_MS;
+
+/// `min..=max` or an error naming the variable and the accepted range.
+fn within(
+    var: &'static str,
+    value: u64,
+    min: u64,
+    max: u64,
+    unit: &str,
+) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(bad(
+            var,
+            format!("{value}{unit} is out of range: must be between {min}{unit} and {max}{unit}"),
+        ))
     }
 }
 
@@ -212,17 +238,98 @@ impl Config {
         if self.jwt_restaurant_claim.trim().is_empty() {
             return Err(bad("JWT_RESTAURANT_CLAIM", "must not be empty"));
         }
-        if self.jwt_leeway_seconds > 300 {
-            return Err(bad("JWT_LEEWAY_SECONDS", "must be at most 300"));
+        // Every duration and size has a floor and a ceiling: an absurd value
+        // (a typo, an extra zero, u64::MAX) must stop the process here, not
+        // overflow date or Instant arithmetic later inside a background task.
+        within("JWT_LEEWAY_SECONDS", self.jwt_leeway_seconds, 0, 300, "s")?;
+        within(
+            "POLL_INTERVAL_MS",
+            self.poll_interval_ms,
+            100,
+            HOUR_MS,
+            "ms",
+        )?;
+        if let Some(ttl) = self.leader_ttl_ms {
+            within("LEADER_TTL_MS", ttl, 200, HOUR_MS, "ms")?;
+            if ttl < 2 * self.poll_interval_ms.min(1000) {
+                return Err(bad(
+                    "LEADER_TTL_MS",
+                    "must be at least 2 x min(POLL_INTERVAL_MS, 1000)",
+                ));
+            }
         }
-        if !(100..=3_600_000).contains(&self.poll_interval_ms) {
-            return Err(bad("POLL_INTERVAL_MS", "must be between 100 and 3600000"));
-        }
-        if let Some(ttl) = self.leader_ttl_ms
-            && (ttl < 2 * self.poll_interval_ms.min(1000) || ttl < 200)
-        {
-            return Err(bad("LEADER_TTL_MS", "must be at least 200 ms"));
-        }
+        // Beyond the poller's 15-minute look-back the overlap changes nothing.
+        within(
+            "POLL_OVERLAP_MS",
+            self.poll_overlap_ms,
+            0,
+            15 * MINUTE_MS,
+            "ms",
+        )?;
+        within(
+            "MAX_CONNECTIONS",
+            self.max_connections as u64,
+            1,
+            10_000_000,
+            "",
+        )?;
+        within(
+            "MAX_CONNECTIONS_PER_RESTAURANT",
+            self.max_connections_per_restaurant as u64,
+            1,
+            10_000_000,
+            "",
+        )?;
+        within(
+            "HEARTBEAT_INTERVAL_MS",
+            self.heartbeat_interval_ms,
+            100,
+            10 * MINUTE_MS,
+            "ms",
+        )?;
+        within(
+            "SEND_QUEUE_CAPACITY",
+            self.send_queue_capacity as u64,
+            1,
+            65_536,
+            "",
+        )?;
+        within(
+            "CLIENT_MESSAGE_RATE",
+            u64::from(self.client_message_rate),
+            1,
+            10_000,
+            "",
+        )?;
+        within(
+            "SHUTDOWN_DRAIN_MS",
+            self.shutdown_drain_ms,
+            0,
+            10 * MINUTE_MS,
+            "ms",
+        )?;
+        within(
+            "HISTORY_MAX_EVENTS",
+            self.history_max_events,
+            1,
+            1_000_000,
+            "",
+        )?;
+        within(
+            "HISTORY_MAX_AGE_SECS",
+            self.history_max_age_secs,
+            1,
+            7 * 24 * 3600,
+            "s",
+        )?;
+        within("PRESENCE_TTL_MS", self.presence_ttl_ms, 1000, HOUR_MS, "ms")?;
+        within(
+            "MEMBERSHIP_RECHECK_MS",
+            self.membership_recheck_ms,
+            100,
+            HOUR_MS,
+            "ms",
+        )?;
         if let Some(origins) = &self.allowed_origins
             && origins.split(',').any(|o| o.trim().is_empty())
         {
@@ -238,45 +345,26 @@ impl Config {
         {
             return Err(bad("INSTANCE_ID", "1-128 characters, no spaces"));
         }
-        if self.max_connections == 0 {
-            return Err(bad("MAX_CONNECTIONS", "must be positive"));
-        }
-        if self.max_connections_per_restaurant == 0 {
-            return Err(bad("MAX_CONNECTIONS_PER_RESTAURANT", "must be positive"));
-        }
-        if self.heartbeat_interval_ms < 100 {
-            return Err(bad("HEARTBEAT_INTERVAL_MS", "must be at least 100"));
-        }
-        if self.send_queue_capacity == 0 || self.send_queue_capacity > 65_536 {
-            return Err(bad("SEND_QUEUE_CAPACITY", "must be between 1 and 65536"));
-        }
-        if self.client_message_rate == 0 {
-            return Err(bad("CLIENT_MESSAGE_RATE", "must be positive"));
-        }
-        if self.history_max_events == 0 {
-            return Err(bad("HISTORY_MAX_EVENTS", "must be positive"));
-        }
-        if self.history_max_age_secs == 0 {
-            return Err(bad("HISTORY_MAX_AGE_SECS", "must be positive"));
-        }
-        if self.presence_ttl_ms < 1000 {
-            return Err(bad("PRESENCE_TTL_MS", "must be at least 1000"));
-        }
-        if !(100..=600_000).contains(&self.header_read_timeout_ms) {
-            return Err(bad(
-                "HEADER_READ_TIMEOUT_MS",
-                "must be between 100 and 600000",
-            ));
-        }
+        within(
+            "HEADER_READ_TIMEOUT_MS",
+            self.header_read_timeout_ms,
+            100,
+            10 * MINUTE_MS,
+            "ms",
+        )?;
         if !(self.header_read_timeout_ms..=600_000).contains(&self.handshake_timeout_ms) {
             return Err(bad(
                 "HANDSHAKE_TIMEOUT_MS",
                 "must be between HEADER_READ_TIMEOUT_MS and 600000",
             ));
         }
-        if !(1..=1_000_000).contains(&self.max_handshakes) {
-            return Err(bad("MAX_HANDSHAKES", "must be between 1 and 1000000"));
-        }
+        within(
+            "MAX_HANDSHAKES",
+            self.max_handshakes as u64,
+            1,
+            1_000_000,
+            "",
+        )?;
         if self.log_format != "text" && self.log_format != "json" {
             return Err(bad("LOG_FORMAT", "must be text or json"));
         }

@@ -277,6 +277,30 @@ impl Database {
         Ok(rows.into_iter().map(|(r,)| RestaurantId(r)).collect())
     }
 
+    /// Which of `pairs` (user, restaurant) still exist, in one query per
+    /// thousand pairs: the periodic re-check of open sockets.
+    pub async fn present_memberships(
+        &self,
+        pairs: &[(Uuid, RestaurantId)],
+    ) -> Result<std::collections::HashSet<(Uuid, RestaurantId)>, sqlx::Error> {
+        let mut present = std::collections::HashSet::new();
+        for chunk in pairs.chunks(1000) {
+            let (users, restaurants): (Vec<Uuid>, Vec<Uuid>) =
+                chunk.iter().map(|(u, r)| (*u, r.0)).unzip();
+            let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(
+                "SELECT m.user_id, m.restaurant_id FROM restaurant_members m \
+                 JOIN unnest($1::uuid[], $2::uuid[]) AS p(user_id, restaurant_id) \
+                 ON m.user_id = p.user_id AND m.restaurant_id = p.restaurant_id",
+            )
+            .bind(&users)
+            .bind(&restaurants)
+            .fetch_all(&self.pool)
+            .await?;
+            present.extend(rows.into_iter().map(|(u, r)| (u, RestaurantId(r))));
+        }
+        Ok(present)
+    }
+
     /// The restaurant's open orders (not completed or cancelled), oldest
     /// first. Rows the gateway cannot use are skipped (and reported).
     pub async fn open_orders(&self, r: RestaurantId) -> Result<Vec<Order>, sqlx::Error> {

@@ -310,6 +310,11 @@ impl Frame {
     /// An order of another restaurant is refused: isolation does not depend
     /// on every publisher getting the channel right.
     pub fn parse(restaurant: RestaurantId, payload: Utf8Bytes) -> Result<Frame, FrameError> {
+        // serde also reads a struct from a JSON array (`["order_created"]`
+        // would pass as an event of that type): only an object is an event.
+        if !payload.as_str().trim_start().starts_with('{') {
+            return Err(FrameError::NotAnEvent);
+        }
         let header: EventHeader =
             serde_json::from_str(payload.as_str()).map_err(|_| FrameError::NotAnEvent)?;
         if header.kind.is_empty() {

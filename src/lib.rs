@@ -4,9 +4,11 @@
 //!
 //! ```text
 //! app      wires everything, owns the shutdown order
-//! http     router, extractors, ApiError, access (token -> restaurant)
-//! session  one socket: catch-up, then one select! loop; close codes
+//! http     router, extractors, ApiError
+//! session  one socket: catch-up, then one select! loop; close codes;
+//!          membership re-check of open sockets
 //! snapshots one shared snapshot read per restaurant at a time (single flight)
+//! access   token -> restaurant (claim or membership), for connect and refresh
 //! node     hub + broker: subscribe on first socket, lazy unsubscribe, fan-out
 //! poller   leader-elected change capture: diff (pure) + SQL + publish
 //! hub      local sockets per restaurant, bounded queues      (no Redis, no SQL)
@@ -16,7 +18,9 @@
 //! demo     demo restaurant and simulated guests
 //! domain   ids, orders, events, frames                       (imports nothing of ours)
 //! config   one Config from env/flags, validated at start
+//! tasks    supervised background tasks: a panic is logged, counted, unready
 //! ```
+pub mod access;
 pub mod app;
 pub mod auth;
 pub mod broker;
@@ -30,3 +34,4 @@ pub mod node;
 pub mod poller;
 pub mod session;
 pub mod snapshots;
+pub mod tasks;

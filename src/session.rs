@@ -2,9 +2,9 @@
 //! running one `select!` over the socket, its event queue, its heartbeat,
 //! its token's expiry and shutdown. Close codes are [`CloseReason`]s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::auth::Verifier;
+use crate::access::{Access, AccessError};
 use crate::broker::{BrokerError, ConnectionRecord, History};
 use crate::domain::{EventId, Frame, RestaurantId, format_timestamp};
 use crate::hub::{JoinError, Member};
@@ -79,10 +79,27 @@ impl CloseReason {
     }
 }
 
+impl From<AccessError> for CloseReason {
+    fn from(e: AccessError) -> CloseReason {
+        match e {
+            AccessError::Auth(e) => CloseReason::Unauthorized(e.to_string()),
+            AccessError::BadRequest(m) => CloseReason::BadRequest(m),
+            AccessError::Forbidden(m) | AccessError::Mismatch(m) => CloseReason::Forbidden(m),
+            AccessError::Unavailable(m) => CloseReason::Unavailable(m),
+        }
+    }
+}
+
 /// Everything sessions share, built once by the app.
 pub struct SessionContext {
     pub node: Node,
-    pub verifier: Verifier,
+    /// Admission rules, also for token refresh on an open socket.
+    pub access: Access,
+    /// Sockets admitted through `restaurant_members`, re-checked together.
+    pub members: MembershipWatch,
+    /// How often [`watch_memberships`] re-checks them: the bound on how long
+    /// a removed member keeps an open socket.
+    pub membership_recheck: Duration,
     /// Shared snapshot reads (see `crate::snapshots`); None without a source.
     pub snapshots: Option<Snapshots>,
     pub heartbeat_interval: Duration,
@@ -99,7 +116,98 @@ pub struct Admission {
     pub user_id: String,
     pub restaurant: RestaurantId,
     pub expires_at: i64,
+    /// The restaurant came from `restaurant_members`, not a token claim.
+    pub via_membership: bool,
     pub last_event_id: Option<EventId>,
+}
+
+/// Open sockets whose restaurant came from `restaurant_members`, by
+/// (user, restaurant): one query re-checks them all, and a removed
+/// membership cancels the sockets' tokens (closed with 4403).
+#[derive(Default)]
+pub struct MembershipWatch {
+    /// A std Mutex: touched when such a socket opens or closes and once per
+    /// re-check, never held across an await.
+    sockets: Mutex<HashMap<(Uuid, RestaurantId), HashMap<Uuid, CancellationToken>>>,
+}
+
+impl MembershipWatch {
+    fn add(&self, user: Uuid, r: RestaurantId, connection_id: Uuid) -> CancellationToken {
+        let token = CancellationToken::new();
+        lock(&self.sockets)
+            .entry((user, r))
+            .or_default()
+            .insert(connection_id, token.clone());
+        token
+    }
+
+    fn remove(&self, user: Uuid, r: RestaurantId, connection_id: Uuid) {
+        let mut sockets = lock(&self.sockets);
+        if let Some(conns) = sockets.get_mut(&(user, r)) {
+            conns.remove(&connection_id);
+            if conns.is_empty() {
+                sockets.remove(&(user, r));
+            }
+        }
+    }
+
+    /// Cancel the sockets of every pair that was `checked` but is not
+    /// `present`; returns how many. Pairs that joined after the check was
+    /// taken are left for the next one.
+    fn revoke_missing(
+        &self,
+        checked: &[(Uuid, RestaurantId)],
+        present: &HashSet<(Uuid, RestaurantId)>,
+    ) -> usize {
+        let mut sockets = lock(&self.sockets);
+        let mut revoked = 0;
+        for pair in checked.iter().filter(|p| !present.contains(p)) {
+            if let Some(conns) = sockets.remove(pair) {
+                for token in conns.values() {
+                    token.cancel();
+                }
+                revoked += conns.len();
+            }
+        }
+        revoked
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Every `ctx.membership_recheck`, look up all (user, restaurant) pairs of
+/// the open membership sockets in one batched query and close those whose
+/// membership is gone. A failed lookup keeps the sockets (a database outage
+/// must not drop every dashboard) and is retried next period.
+pub async fn watch_memberships(ctx: Arc<SessionContext>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(ctx.membership_recheck);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let pairs: Vec<(Uuid, RestaurantId)> = lock(&ctx.members.sockets).keys().copied().collect();
+        if pairs.is_empty() {
+            continue;
+        }
+        match ctx.access.still_members(&pairs).await {
+            Ok(present) => {
+                let revoked = ctx.members.revoke_missing(&pairs, &present);
+                if revoked > 0 {
+                    tracing::info!(revoked, "membership removed: closing sockets");
+                    metrics::counter!("orders_gateway_membership_revocations_total")
+                        .increment(revoked as u64);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "membership re-check failed; will retry");
+                metrics::counter!("orders_gateway_membership_recheck_failures_total").increment(1);
+            }
+        }
+    }
 }
 
 /// How long a close frame may take to leave before the socket is dropped.
@@ -194,6 +302,8 @@ struct Session<'a> {
     seam: Seam,
     /// Cancelled by the hub when this socket's queue overflows: 4408.
     overflowed: CancellationToken,
+    /// Cancelled when the membership that admitted this socket is removed.
+    revoked: Option<CancellationToken>,
 }
 
 enum Step {
@@ -231,6 +341,7 @@ pub async fn run(ctx: Arc<SessionContext>, socket: Socket, admission: Admission)
             snapshot: Arc::default(),
         },
         overflowed: overflowed.clone(),
+        revoked: None,
     };
     if let Err(e) = ctx.node.join(record, member).await {
         let reason = match e {
@@ -252,7 +363,9 @@ pub async fn run(ctx: Arc<SessionContext>, socket: Socket, admission: Admission)
     }
     metrics::counter!("orders_gateway_connections_opened_total").increment(1);
     tracing::debug!("connected");
+    let watched = session.watch();
     let reason = session.serve(queue_rx, overflowed).await;
+    session.unwatch(watched);
     match &reason {
         Some(CloseReason::ShuttingDown) => {
             tracing::debug!(code = 1001, "closing");
@@ -279,6 +392,29 @@ pub async fn run(ctx: Arc<SessionContext>, socket: Socket, admission: Admission)
 }
 
 impl Session<'_> {
+    /// Register with the membership re-check when admitted through
+    /// `restaurant_members`; returns the user registered.
+    fn watch(&mut self) -> Option<Uuid> {
+        if !self.admission.via_membership {
+            return None;
+        }
+        let user = Uuid::parse_str(&self.admission.user_id).ok()?;
+        self.revoked = Some(self.ctx.members.add(
+            user,
+            self.admission.restaurant,
+            self.connection_id,
+        ));
+        Some(user)
+    }
+
+    fn unwatch(&mut self, watched: Option<Uuid>) {
+        if let Some(user) = watched {
+            self.ctx
+                .members
+                .remove(user, self.admission.restaurant, self.connection_id);
+        }
+    }
+
     /// Send one text message (UTF-8 JSON), in fragments of at most
     /// [`FRAGMENT`] bytes, each with a deadline. `Err` is how the socket ends.
     async fn send_text(&mut self, text: Bytes) -> Result<(), Step> {
@@ -396,6 +532,15 @@ impl Session<'_> {
         tokio::pin!(shutdown);
         let cut_off = overflowed.cancelled();
         tokio::pin!(cut_off);
+        // Never resolves for sockets admitted by a restaurant claim.
+        let revoked = self.revoked.clone();
+        let revoked = async move {
+            match revoked {
+                Some(t) => t.cancelled_owned().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(revoked);
         let mut expires_at = self.admission.expires_at;
         let expiry = sleep_until(expiry_instant(expires_at));
         tokio::pin!(expiry);
@@ -409,6 +554,9 @@ impl Session<'_> {
                 _ = &mut shutdown => Step::Close(CloseReason::ShuttingDown),
                 _ = &mut cut_off => Step::Close(CloseReason::TooSlow),
                 _ = &mut expiry => expired(),
+                _ = &mut revoked => Step::Close(CloseReason::Forbidden(
+                    "no longer a member of this restaurant".into(),
+                )),
                 frame = queue.recv() => match frame {
                     Some(frame) => self.relay(frame).await,
                     None => Step::Close(CloseReason::TooSlow),
@@ -594,27 +742,31 @@ impl Session<'_> {
         Step::Close(CloseReason::TooMany("message rate limit exceeded".into()))
     }
 
-    /// Replace the token: same user, same restaurant, later expiry.
+    /// Replace the token. Authorized exactly like a new connection to
+    /// this restaurant, for the same user ([`Access::refresh`]).
     async fn reauthenticate(&mut self, token: String) -> Step {
-        match self.ctx.verifier.verify(&token).await {
-            Ok(id) => {
-                let same_restaurant = id.restaurant.is_none_or(|r| r == self.admission.restaurant);
-                if id.user_id != self.admission.user_id || !same_restaurant {
-                    return self
-                        .error_frame(
-                            "auth_mismatch",
-                            "the new token is for another user or restaurant",
-                        )
-                        .await;
-                }
-                self.admission.expires_at = id.expires_at;
+        let a = &self.admission;
+        match self
+            .ctx
+            .access
+            .refresh(&token, &a.user_id, a.restaurant)
+            .await
+        {
+            Ok(grant) => {
+                self.admission.expires_at = grant.identity.expires_at;
                 Step::Continue
             }
-            Err(e) => {
-                metrics::counter!("orders_gateway_auth_failures_total", "reason" => e.reason())
-                    .increment(1);
-                self.error_frame("auth_failed", &e.to_string()).await
+            Err(AccessError::Auth(e)) => self.error_frame("auth_failed", &e.to_string()).await,
+            // The same user, verified, is no longer a member: the socket's
+            // admission no longer holds.
+            Err(AccessError::Forbidden(m)) if self.admission.via_membership => {
+                metrics::counter!("orders_gateway_membership_revocations_total").increment(1);
+                Step::Close(CloseReason::Forbidden(m))
             }
+            Err(AccessError::Unavailable(m)) => self.error_frame("auth_unavailable", &m).await,
+            Err(
+                AccessError::Mismatch(m) | AccessError::Forbidden(m) | AccessError::BadRequest(m),
+            ) => self.error_frame("auth_mismatch", &m).await,
         }
     }
 

@@ -574,7 +574,7 @@ impl Publisher {
                         let rid = &self.restaurants[r];
                         let order_id = version.split('@').next().unwrap_or_default();
                         let mut c = redis::cmd("FCALL");
-                        c.arg("og_publish")
+                        c.arg(orders_gateway::broker::redis::function_name("og_publish"))
                             .arg(3)
                             .arg(format!("og:{{orders:{rid}}}:meta"))
                             .arg(format!("og:{{orders:{rid}}}:hist"))

@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use super::redis::{
     ACTIVE, INSTANCES, LEADER_EPOCH_KEY, LEADER_KEY, POLL_CURSOR_KEY, POLL_LAST_KEY, conns_key,
-    library, poll_known_key, restaurant_key,
+    function_name, library, poll_known_key, restaurant_key,
 };
 use super::{
     Broker, BrokerError, Cluster, ConnectionRecord, Cursor, History, Inbound, Lease, PollerState,
@@ -679,7 +679,7 @@ impl ClusterBroker {
         args: &[&str],
     ) -> Result<T, BrokerError> {
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(name).arg(keys.len());
+        cmd.arg(function_name(name)).arg(keys.len());
         for k in keys {
             cmd.arg(*k);
         }

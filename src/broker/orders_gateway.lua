@@ -1,4 +1,10 @@
-#!lua name=orders_gateway
+#!lua name=orders_gateway_v2
+-- Versioned: the library is orders_gateway_v<N> and every function is
+-- registered as <name>_v<N> (N = LIBRARY_VERSION in src/broker/redis.rs;
+-- bump both, and this line, on any change of semantics, arguments or keys).
+-- During a rolling deploy old and new replicas each load and call their own
+-- version side by side: a new replica never replaces a function an old one
+-- calls, and an old replica's LOAD REPLACE never overwrites newer code.
 -- Server-side steps of orders-gateway, installed by every replica at start
 -- (FUNCTION LOAD REPLACE) and again whenever Redis answers "function not
 -- found" (a restarted Redis without persistence). The gateway fills in the
@@ -26,6 +32,7 @@
 -- ones, so a client holding a lost id never sees a new event under it; its
 -- resume finds the id missing from history and is told to resync.
 
+local VERSION = '_v2'
 -- @LIMITS@
 local MAX_EVENTS, MAX_AGE_MS, DEDUP_TTL_MS, PUBLISH = 1000, 3600000, 86400000, 'PUBLISH'
 
@@ -310,10 +317,10 @@ local function og_poller_save(keys, args)
   return 1
 end
 
-redis.register_function('og_publish', og_publish)
-redis.register_function{function_name = 'og_history', callback = og_history, flags = {'no-writes'}}
-redis.register_function{function_name = 'og_last', callback = og_last, flags = {'no-writes'}}
-redis.register_function('og_leader_acquire', og_leader_acquire)
-redis.register_function('og_leader_renew', og_leader_renew)
-redis.register_function('og_leader_release', og_leader_release)
-redis.register_function('og_poller_save', og_poller_save)
+redis.register_function('og_publish' .. VERSION, og_publish)
+redis.register_function{function_name = 'og_history' .. VERSION, callback = og_history, flags = {'no-writes'}}
+redis.register_function{function_name = 'og_last' .. VERSION, callback = og_last, flags = {'no-writes'}}
+redis.register_function('og_leader_acquire' .. VERSION, og_leader_acquire)
+redis.register_function('og_leader_renew' .. VERSION, og_leader_renew)
+redis.register_function('og_leader_release' .. VERSION, og_leader_release)
+redis.register_function('og_poller_save' .. VERSION, og_poller_save)

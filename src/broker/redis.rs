@@ -25,10 +25,22 @@ use super::{
 };
 use crate::config::HistoryLimits;
 use crate::domain::{EventId, RestaurantId};
+use crate::tasks::Supervisor;
 
 /// The function library as shipped; see the file for the key layout.
 /// [`library`] fills in the limits before it is loaded.
 pub const FUNCTIONS: &str = include_str!("orders_gateway.lua");
+/// Version of [`FUNCTIONS`]: its library is `orders_gateway_v<N>` and each
+/// function `<name>_v<N>`, so replicas of different versions never call or
+/// replace each other's code during a rolling deploy. Bump it (and the
+/// file's `#!lua name=` line and `VERSION`) on any change of semantics.
+pub const LIBRARY_VERSION: u32 = 2;
+
+/// The name this build calls a library function by, e.g.
+/// `og_publish` -> `og_publish_v2`.
+pub fn function_name(base: &str) -> String {
+    format!("{base}_v{LIBRARY_VERSION}")
+}
 
 /// The library with this deployment's limits and publish command baked in:
 /// functions then read no global config key, so each touches only the keys
@@ -152,9 +164,23 @@ impl RedisBroker {
         limits: HistoryLimits,
         shutdown: CancellationToken,
     ) -> Result<RedisBroker, BrokerError> {
+        let tasks = Supervisor::new(shutdown.clone());
+        Self::start_supervised(url, instance_id, inbound, limits, shutdown, &tasks).await
+    }
+
+    /// [`RedisBroker::start`], with the receiver task watched by `tasks`
+    /// (a panic there makes the replica unready).
+    pub async fn start_supervised(
+        url: &str,
+        instance_id: &str,
+        inbound: mpsc::Sender<Inbound>,
+        limits: HistoryLimits,
+        shutdown: CancellationToken,
+        tasks: &Supervisor,
+    ) -> Result<RedisBroker, BrokerError> {
         redis::Client::open(url).map_err(unavailable)?;
         let master = Arc::new(Master::fixed(url, COMMAND_TIMEOUT)?);
-        RedisBroker::start_with(master, instance_id, inbound, limits, shutdown).await
+        RedisBroker::start_with(master, instance_id, inbound, limits, shutdown, tasks).await
     }
 
     /// Find the master through Sentinel and follow its failovers.
@@ -165,8 +191,22 @@ impl RedisBroker {
         limits: HistoryLimits,
         shutdown: CancellationToken,
     ) -> Result<RedisBroker, BrokerError> {
+        let tasks = Supervisor::new(shutdown.clone());
+        Self::start_sentinel_supervised(sentinels, instance_id, inbound, limits, shutdown, &tasks)
+            .await
+    }
+
+    /// [`RedisBroker::start_sentinel`], with the receiver task watched by `tasks`.
+    pub async fn start_sentinel_supervised(
+        sentinels: Sentinels,
+        instance_id: &str,
+        inbound: mpsc::Sender<Inbound>,
+        limits: HistoryLimits,
+        shutdown: CancellationToken,
+        tasks: &Supervisor,
+    ) -> Result<RedisBroker, BrokerError> {
         let master = Master::sentinel(sentinels, COMMAND_TIMEOUT, shutdown.clone()).await?;
-        RedisBroker::start_with(master, instance_id, inbound, limits, shutdown).await
+        RedisBroker::start_with(master, instance_id, inbound, limits, shutdown, tasks).await
     }
 
     async fn start_with(
@@ -175,6 +215,7 @@ impl RedisBroker {
         inbound: mpsc::Sender<Inbound>,
         limits: HistoryLimits,
         shutdown: CancellationToken,
+        tasks: &Supervisor,
     ) -> Result<RedisBroker, BrokerError> {
         let subscriptions = Arc::new(Subscriptions {
             wanted: Mutex::new(HashSet::new()),
@@ -195,7 +236,10 @@ impl RedisBroker {
             master: master.clone(),
             channel: format!("og:probe:{instance_id}"),
         };
-        tokio::spawn(receive(master, subscriptions, inbound, probe, shutdown));
+        tasks.spawn(
+            "redis_receiver",
+            receive(master, subscriptions, inbound, probe, shutdown),
+        );
         Ok(broker)
     }
 
@@ -255,7 +299,7 @@ impl RedisBroker {
         args: &[&str],
     ) -> Result<T, BrokerError> {
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(name).arg(keys.len());
+        cmd.arg(function_name(name)).arg(keys.len());
         for k in keys {
             cmd.arg(*k);
         }

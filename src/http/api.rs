@@ -26,8 +26,7 @@ async fn caller_restaurant(
     let query = parse_query(raw.as_deref());
     // Status endpoints take the token from the Authorization header only.
     let token = bearer(headers, &Default::default());
-    let (_, restaurant) = st.resolve(token, &query).await?;
-    Ok(restaurant)
+    Ok(st.resolve(token, &query).await?.restaurant)
 }
 
 pub async fn status(

@@ -21,10 +21,11 @@ use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 
-use crate::auth::{AuthError, Identity, OriginPolicy, Verifier};
+use crate::access::{AccessError, Grant};
+use crate::auth::{OriginPolicy, Verifier};
 use crate::db::Database;
 use crate::domain::RestaurantId;
-use crate::session::{CloseReason, SessionContext};
+use crate::session::SessionContext;
 
 /// Request state: cheap to clone, everything behind `Arc`s.
 #[derive(Clone)]
@@ -40,6 +41,8 @@ pub struct AppState {
     /// Set at the start of shutdown: readiness fails, new sockets get 1001.
     pub draining: Arc<AtomicBool>,
     pub prometheus: PrometheusHandle,
+    /// Background tasks; one that failed makes the replica unready.
+    pub tasks: crate::tasks::Supervisor,
 }
 
 impl AppState {
@@ -106,6 +109,11 @@ async fn readyz(State(st): State<AppState>) -> Response {
     if st.is_draining() {
         return ApiError::unavailable("draining").into_response();
     }
+    let failed = st.tasks.failed();
+    if !failed.is_empty() {
+        return ApiError::unavailable(format!("background task failed: {}", failed.join(", ")))
+            .into_response();
+    }
     if st.redis_configured
         && let Err(e) = st.sessions.node.backend().ping().await
     {
@@ -122,33 +130,12 @@ async fn metrics_text(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Why access to a restaurant was refused, with the answer for sockets
-/// and for HTTP.
-#[derive(Debug)]
-pub enum AccessError {
-    Auth(AuthError),
-    BadRequest(String),
-    Forbidden(String),
-    Unavailable(String),
-}
-
-impl AccessError {
-    pub fn close_reason(&self) -> CloseReason {
-        match self {
-            AccessError::Auth(e) => CloseReason::Unauthorized(e.to_string()),
-            AccessError::BadRequest(m) => CloseReason::BadRequest(m.clone()),
-            AccessError::Forbidden(m) => CloseReason::Forbidden(m.clone()),
-            AccessError::Unavailable(m) => CloseReason::Unavailable(m.clone()),
-        }
-    }
-}
-
 impl From<AccessError> for ApiError {
     fn from(e: AccessError) -> ApiError {
         match e {
             AccessError::Auth(e) => e.into(),
             AccessError::BadRequest(m) => ApiError::bad_request(m),
-            AccessError::Forbidden(m) => ApiError::forbidden(m),
+            AccessError::Forbidden(m) | AccessError::Mismatch(m) => ApiError::forbidden(m),
             AccessError::Unavailable(m) => ApiError::unavailable(m),
         }
     }
@@ -174,18 +161,13 @@ pub fn parse_query(raw: Option<&str>) -> HashMap<String, String> {
 }
 
 impl AppState {
-    /// Token → identity → the one restaurant this request is about.
+    /// Token → identity → the one restaurant this request is about (see
+    /// [`Access::resolve`]; sockets refresh their token through the same).
     pub async fn resolve(
         &self,
         token: Option<String>,
         query: &HashMap<String, String>,
-    ) -> Result<(Identity, RestaurantId), AccessError> {
-        let token = token.ok_or(AccessError::Auth(AuthError::Missing))?;
-        let identity = self.verifier.verify(&token).await.map_err(|e| {
-            metrics::counter!("orders_gateway_auth_failures_total", "reason" => e.reason())
-                .increment(1);
-            AccessError::Auth(e)
-        })?;
+    ) -> Result<Grant, AccessError> {
         // Empty means "not given" (a URL template with no value); anything
         // else must be a UUID as it stands.
         let requested = match query.get("restaurant_id").map(|s| s.as_str()) {
@@ -195,41 +177,10 @@ impl AppState {
                     .map_err(|_| AccessError::BadRequest("restaurant_id is not a UUID".into()))?,
             ),
         };
-        if let Some(claimed) = identity.restaurant {
-            return match requested {
-                Some(r) if r != claimed => Err(AccessError::Forbidden(
-                    "token is not valid for that restaurant".into(),
-                )),
-                _ => Ok((identity, claimed)),
-            };
-        }
-        let Some(db) = &self.db else {
-            return Err(AccessError::Forbidden("token names no restaurant".into()));
-        };
-        let memberships = db.memberships(&identity.user_id).await.map_err(|e| {
-            tracing::warn!(error = %e, "membership lookup failed");
-            AccessError::Unavailable("membership lookup unavailable, retry".into())
-        })?;
-        let restaurant = match (memberships.as_slice(), requested) {
-            ([], _) => {
-                return Err(AccessError::Forbidden(
-                    "not a member of any restaurant".into(),
-                ));
-            }
-            ([only], None) => *only,
-            (_, None) => {
-                return Err(AccessError::BadRequest(
-                    "member of several restaurants: restaurant_id is required".into(),
-                ));
-            }
-            (all, Some(r)) if all.contains(&r) => r,
-            (_, Some(_)) => {
-                return Err(AccessError::Forbidden(
-                    "not a member of that restaurant".into(),
-                ));
-            }
-        };
-        Ok((identity, restaurant))
+        self.sessions
+            .access
+            .resolve(token.as_deref(), requested)
+            .await
     }
 }
 

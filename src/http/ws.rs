@@ -181,14 +181,15 @@ async fn admit(
                 .map_err(|_| CloseReason::BadRequest("malformed last_event_id".into()))?,
         ),
     };
-    let (identity, restaurant) = st
+    let grant = st
         .resolve(bearer(headers, &query), &query)
         .await
-        .map_err(|e| e.close_reason())?;
+        .map_err(CloseReason::from)?;
     Ok(Admission {
-        user_id: identity.user_id,
-        restaurant,
-        expires_at: identity.expires_at,
+        user_id: grant.identity.user_id,
+        restaurant: grant.restaurant,
+        expires_at: grant.identity.expires_at,
+        via_membership: grant.via_membership,
         last_event_id,
     })
 }

@@ -9,7 +9,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::support::{Gateway, SECRET, TestDb, Ws, config, dashboard, token, token_with};
+use crate::support::{Gateway, Next, SECRET, TestDb, Ws, config, dashboard, token, token_with};
 
 fn claims(restaurant: Uuid) -> Value {
     json!({ "sub": Uuid::new_v4(), "restaurant_id": restaurant, "exp": Utc::now().timestamp() + 600 })
@@ -269,4 +269,139 @@ async fn origins_outside_the_allowlist_are_refused() {
     // Non-browser clients send no Origin.
     dashboard(&url).await;
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+async fn add_member(pool: &sqlx::PgPool, user: Uuid, r: Uuid) {
+    sqlx::query(
+        "INSERT INTO restaurant_members (user_id, restaurant_id, role) VALUES ($1, $2, 'staff')",
+    )
+    .bind(user)
+    .bind(r)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn remove_member(pool: &sqlx::PgPool, user: Uuid, r: Uuid) {
+    sqlx::query("DELETE FROM restaurant_members WHERE user_id = $1 AND restaurant_id = $2")
+        .bind(user)
+        .bind(r)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+fn auth_message(token: &str) -> String {
+    json!({"type": "auth", "token": token}).to_string()
+}
+
+/// A refresh is admitted exactly like a new connection to the socket's
+/// restaurant: membership looked up again, `sub` required where a user is
+/// needed, a claim for another restaurant refused.
+#[tokio::test]
+async fn token_refresh_authorizes_like_a_connect() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let member = Uuid::new_v4();
+    add_member(&pool, member, a).await;
+    let mut cfg = config();
+    cfg.database_url = Some(db.url.clone());
+    // Long: this test is about the refresh, not the periodic re-check.
+    cfg.membership_recheck_ms = 3_600_000;
+    let gw = Gateway::start(cfg).await;
+    let exp = || Utc::now().timestamp() + 600;
+
+    // 1. Admitted through membership; the membership is removed; a refresh
+    //    with a claim-less token of the same user no longer authorizes.
+    let no_claim = token_with(json!({ "sub": member, "exp": exp() }));
+    let (mut ws, hello) = dashboard(&gw.ws_url(&format!("token={no_claim}"))).await;
+    assert_eq!(hello["restaurant_id"], a.to_string());
+    assert_eq!(ws.json().await["type"], "snapshot");
+    ws.send_text(&auth_message(&no_claim)).await;
+    ws.send_text(r#"{"type":"ping"}"#).await;
+    assert_eq!(ws.json().await["type"], "pong", "a valid refresh is silent");
+    remove_member(&pool, member, a).await;
+    let again = token_with(json!({ "sub": member, "exp": exp() + 60 }));
+    ws.send_text(&auth_message(&again)).await;
+    match ws.next(Duration::from_secs(5)).await {
+        Next::Close(code, reason) => {
+            assert_eq!(code, 4403, "{reason}");
+        }
+        other => panic!("expected 4403 after a refresh without membership, got {other:?}"),
+    }
+
+    // 2. A socket opened with a restaurant claim and no `sub`: a token
+    //    without `sub` and without a claim (an anon key) does not extend it.
+    let claim_only = token_with(json!({ "restaurant_id": a, "exp": Utc::now().timestamp() + 3 }));
+    let (mut ws, _) = dashboard(&gw.ws_url(&format!("token={claim_only}"))).await;
+    assert_eq!(ws.json().await["type"], "snapshot");
+    let anon = token_with(json!({ "role": "anon", "exp": exp() + 3600 }));
+    ws.send_text(&auth_message(&anon)).await;
+    let answer = ws.json().await;
+    assert_eq!(answer["type"], "error", "{answer}");
+    assert_eq!(answer["code"], "auth_mismatch", "{answer}");
+    match ws.next(Duration::from_secs(8)).await {
+        Next::Close(code, reason) => {
+            assert_eq!((code, reason.as_str()), (4401, "token expired"));
+        }
+        other => panic!("the anon key must not have extended the socket: {other:?}"),
+    }
+
+    // 3. Same user, a claim for another restaurant: refused, socket kept.
+    let user = Uuid::new_v4();
+    let t = token_with(json!({ "sub": user, "restaurant_id": a, "exp": exp() }));
+    let (mut ws, _) = dashboard(&gw.ws_url(&format!("token={t}"))).await;
+    assert_eq!(ws.json().await["type"], "snapshot");
+    let other = token_with(json!({ "sub": user, "restaurant_id": b, "exp": exp() }));
+    ws.send_text(&auth_message(&other)).await;
+    assert_eq!(ws.json().await["code"], "auth_mismatch");
+    ws.send_text(r#"{"type":"ping"}"#).await;
+    assert_eq!(ws.json().await["type"], "pong");
+}
+
+/// Removing a row from `restaurant_members` closes that member's open
+/// sockets within MEMBERSHIP_RECHECK_MS; sockets admitted by a restaurant
+/// claim, and other members, stay.
+#[tokio::test]
+async fn removed_member_loses_open_sockets_within_the_recheck_period() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let a = Uuid::new_v4();
+    let (leaving, staying) = (Uuid::new_v4(), Uuid::new_v4());
+    add_member(&pool, leaving, a).await;
+    add_member(&pool, staying, a).await;
+    let mut cfg = config();
+    cfg.database_url = Some(db.url.clone());
+    cfg.membership_recheck_ms = 300;
+    let gw = Gateway::start(cfg).await;
+    let no_claim =
+        |user: Uuid| token_with(json!({ "sub": user, "exp": Utc::now().timestamp() + 600 }));
+    let (mut gone1, _) = dashboard(&gw.ws_url(&format!("token={}", no_claim(leaving)))).await;
+    let (mut gone2, _) = dashboard(&gw.ws_url(&format!("token={}", no_claim(leaving)))).await;
+    let (mut kept, _) = dashboard(&gw.ws_url(&format!("token={}", no_claim(staying)))).await;
+    let (mut claimed, _) = dashboard(&gw.ws_url(&format!("token={}", token(a)))).await;
+    // Snapshots first (the database is configured).
+    for ws in [&mut gone1, &mut gone2, &mut kept, &mut claimed] {
+        assert_eq!(ws.json().await["type"], "snapshot");
+    }
+    remove_member(&pool, leaving, a).await;
+    for ws in [&mut gone1, &mut gone2] {
+        match ws.next(Duration::from_secs(5)).await {
+            Next::Close(code, reason) => {
+                assert_eq!(code, 4403);
+                assert_eq!(reason, "no longer a member of this restaurant");
+            }
+            other => panic!("expected 4403, got {other:?}"),
+        }
+    }
+    for ws in [&mut kept, &mut claimed] {
+        ws.send_text(r#"{"type":"ping"}"#).await;
+        assert_eq!(ws.json().await["type"], "pong");
+    }
+    let m = crate::support::metrics(&format!("http://{}", gw.addr)).await;
+    assert!(
+        m.contains("orders_gateway_membership_revocations_total"),
+        "{m}"
+    );
 }

@@ -2,20 +2,38 @@
 //! the variable; the embedded defaults serve with no Redis and no database.
 
 use crate::support::{GatewayProcess, binary, dashboard, order_json, post_event, token};
-use std::process::Command;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
+/// Run the binary with `env`; a process still running after 10 s (the
+/// configuration was accepted) is killed and reported as `None`.
 fn start_with(env: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut cmd = Command::new(binary());
     cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("BIND_ADDR", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    (code, stderr)
 }
 
 #[test]
@@ -47,6 +65,53 @@ fn bad_configuration_is_one_line_naming_the_variable() {
         (vec![secret, ("LOG_FORMAT", "xml")], "LOG_FORMAT"),
         (vec![secret, ("PUBLISH_API_KEY", "abc")], "PUBLISH_API_KEY"),
         (vec![("JWT_JWKS_URL", "ftp://keys")], "JWT_JWKS_URL"),
+        // Absurd durations and sizes: each used to be accepted and to blow
+        // up later in date or Instant arithmetic inside a background task
+        // (POLL_OVERLAP_MS killed the poller on every replica).
+        (
+            vec![secret, ("POLL_OVERLAP_MS", "18446744073709551615")],
+            "POLL_OVERLAP_MS",
+        ),
+        (
+            vec![secret, ("POLL_OVERLAP_MS", "86400000")],
+            "POLL_OVERLAP_MS",
+        ),
+        (
+            vec![secret, ("HEARTBEAT_INTERVAL_MS", "18446744073709551615")],
+            "HEARTBEAT_INTERVAL_MS",
+        ),
+        (
+            vec![secret, ("SHUTDOWN_DRAIN_MS", "18446744073709551615")],
+            "SHUTDOWN_DRAIN_MS",
+        ),
+        (
+            vec![secret, ("LEADER_TTL_MS", "18446744073709551615")],
+            "LEADER_TTL_MS",
+        ),
+        (
+            vec![secret, ("PRESENCE_TTL_MS", "18446744073709551615")],
+            "PRESENCE_TTL_MS",
+        ),
+        (
+            vec![secret, ("HISTORY_MAX_AGE_SECS", "18446744073709551615")],
+            "HISTORY_MAX_AGE_SECS",
+        ),
+        (
+            vec![secret, ("HISTORY_MAX_EVENTS", "18446744073709551615")],
+            "HISTORY_MAX_EVENTS",
+        ),
+        (
+            vec![secret, ("CLIENT_MESSAGE_RATE", "4000000000")],
+            "CLIENT_MESSAGE_RATE",
+        ),
+        (
+            vec![secret, ("MAX_CONNECTIONS", "18446744073709551615")],
+            "MAX_CONNECTIONS",
+        ),
+        (
+            vec![secret, ("JWT_LEEWAY_SECONDS", "86400")],
+            "JWT_LEEWAY_SECONDS",
+        ),
     ] {
         let (code, stderr) = start_with(&env);
         assert_eq!(code, Some(2), "{env:?}: {stderr}");
