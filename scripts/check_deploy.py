@@ -18,6 +18,9 @@ PyYAML; Debian's nginx, docker-compose, promtool, PostgreSQL).
                   idle passthrough, failover on a dead or draining replica
   Prometheus      rule structure, runbook links, metric names, promtool check
                   + unit tests; OPERATIONS.md documents every metric
+  Grafana         dashboard structure, every query parses (promtool), names
+                  only metrics the gateway's code exports; the chart's copy
+                  and its sidecar ConfigMap
 
 Prints one line per check and finally `N passed, 0 failed` (`, K skipped`
 when some check could not run); exits 1 on any failure.
@@ -60,6 +63,8 @@ RENDER_SH = ROOT / "deploy" / "nginx" / "render.sh"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yaml"
 OPERATIONS = ROOT / "docs" / "OPERATIONS.md"
+DASHBOARD = ROOT / "deploy" / "grafana" / "orders-gateway.json"
+CHART_DASHBOARD = CHART / "dashboards" / "orders-gateway.json"
 INTERFACES = ROOT / "docs" / "INTERFACES.md"
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
@@ -1112,6 +1117,141 @@ def check_operations_doc() -> None:
 
 
 # --------------------------------------------------------------------------
+# Grafana dashboard
+# --------------------------------------------------------------------------
+
+# Metrics the dashboard shows that another branch is adding to the gateway
+# (not in this tree's code yet). A name here is allowed while absent from
+# src/; delete it once the code exports it.
+PENDING_METRICS = {
+    # Needed for the publish->delivery panel; not yet measured by the gateway.
+    "orders_gateway_delivery_latency_seconds": "histogram, event timestamp to socket write",
+}
+
+# What operators must see (issue 13 item 5): each needs a panel querying one of these.
+DASHBOARD_TOPICS = {
+    "connections": "orders_gateway_connections",
+    "deliveries/s": "orders_gateway_messages_delivered_total",
+    "publish->delivery latency": "orders_gateway_delivery_latency_seconds_bucket",
+    "slow-client closes": "orders_gateway_slow_client_closes_total",
+    "auth failures": "orders_gateway_auth_failures_total",
+    "poller lag": "orders_gateway_poller_lag_seconds",
+    "poller leader": "orders_gateway_poller_leader",
+    "Redis link health": "orders_gateway_redis_link_up",
+}
+
+
+def exported_metrics() -> set[str]:
+    """Metric names the gateway's code registers (histograms add _bucket/_sum/_count)."""
+    names = set()
+    for path in (ROOT / "src").rglob("*.rs"):
+        if path.name == "loadgen.rs":
+            continue
+        names |= set(re.findall(r'"(orders_gateway_[a-z0-9_]+)"', path.read_text()))
+    expect(len(names) >= 20, f"found only {len(names)} metric names in src/")
+    return names
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, expr) for every query, including nested rows and variables."""
+    doc = json.loads(DASHBOARD.read_text())
+    out = []
+
+    def walk(panels):
+        for p in panels:
+            for t in p.get("targets", []):
+                if t.get("expr"):
+                    out.append((p.get("title", "?"), t["expr"]))
+            walk(p.get("panels", []))
+
+    walk(doc["panels"])
+    return out
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Grafana's variables replaced by values PromQL accepts."""
+    expr = re.sub(r"\$__(rate_interval|interval|range)\b", "5m", expr)
+    expr = re.sub(r"\$\{?(instance|job)\}?", ".*", expr)
+    expect("$" not in expr, f"unknown Grafana variable in {expr}")
+    return expr
+
+
+def check_dashboard_structure() -> None:
+    doc = json.loads(DASHBOARD.read_text())
+    expect(doc.get("uid") == "orders-gateway" and doc.get("title"), "uid and title")
+    expect(isinstance(doc.get("schemaVersion"), int), "schemaVersion")
+    variables = {v["name"]: v for v in doc["templating"]["list"]}
+    expect(variables.get("datasource", {}).get("type") == "datasource", "a datasource variable (no hard-coded data source)")
+    ids, grid = set(), []
+    for p in doc["panels"]:
+        expect(p["id"] not in ids, f"duplicate panel id {p['id']}")
+        ids.add(p["id"])
+        g = p["gridPos"]
+        expect(0 <= g["x"] and g["x"] + g["w"] <= 24, f"{p['title']}: gridPos outside 24 columns")
+        for (x, y, w, h, title) in grid:
+            overlap = g["x"] < x + w and x < g["x"] + g["w"] and g["y"] < y + h and y < g["y"] + g["h"]
+            expect(not overlap, f"panels overlap: {p['title']} / {title}")
+        grid.append((g["x"], g["y"], g["w"], g["h"], p["title"]))
+        if p["type"] != "row":
+            expect(p.get("targets"), f"{p['title']}: no query")
+            expect(p.get("datasource", {}).get("uid") == "${datasource}", f"{p['title']}: datasource is not the variable")
+    queries = " ".join(e for _, e in dashboard_queries())
+    for topic, metric in DASHBOARD_TOPICS.items():
+        expect(metric in queries, f"no panel for {topic} ({metric})")
+
+
+def check_dashboard_promtool() -> None:
+    groups = [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{i}", "expr": grafana_to_promql(expr)}
+        for i, (_, expr) in enumerate(dashboard_queries())]}]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "dashboard-queries.yaml"
+        path.write_text(yaml.safe_dump({"groups": groups}))
+        run([promtool(), "check", "rules", str(path)])
+
+
+def check_dashboard_metrics() -> None:
+    exported = exported_metrics()
+    unknown = []
+    for title, expr in dashboard_queries():
+        for metric in re.findall(r"\b(orders_gateway_[a-z0-9_]+)\b", expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", metric)
+            if metric in exported or base in exported or metric in PENDING_METRICS or base in PENDING_METRICS:
+                continue
+            unknown.append(f"{title}: {metric}")
+        # Only the gateway's metrics (no `up`, no node-exporter series): every
+        # selector names one. The dashboard writes each metric with a {…} matcher.
+        for name in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{", expr):
+            if not name.startswith("orders_gateway_"):
+                unknown.append(f"{title}: {name} is not a gateway metric")
+    expect(not unknown, f"the dashboard names metrics the gateway does not export: {unknown}")
+    still_pending = sorted(m for m in PENDING_METRICS if m in exported)
+    if still_pending:
+        print(f"    note: now exported, remove from PENDING_METRICS: {still_pending}")
+
+
+def check_dashboard_chart_copy() -> None:
+    expect(CHART_DASHBOARD.exists(), f"{CHART_DASHBOARD.relative_to(ROOT)} missing (Helm only reads files inside the chart)")
+    expect(CHART_DASHBOARD.read_bytes() == DASHBOARD.read_bytes(),
+           f"{CHART_DASHBOARD.relative_to(ROOT)} differs from {DASHBOARD.relative_to(ROOT)}: cp deploy/grafana/orders-gateway.json {CHART_DASHBOARD.relative_to(ROOT)}")
+
+
+def check_dashboard_configmap() -> None:
+    expect(not [d for d in render(None) if d["metadata"]["name"].endswith("-dashboard")], "off by default")
+    values = with_values(**{"metrics.grafanaDashboard": {
+        "enabled": True, "labels": {"grafana_dashboard": "1"}, "annotations": {"grafana_folder": "Orders"}, "namespace": "monitoring"}})
+    docs = render(values)
+    validate_manifests(docs, k8s_versions())
+    cms = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+    expect(len(cms) == 1, f"one dashboard ConfigMap, got {len(cms)}")
+    cm = cms[0]
+    expect(cm["metadata"]["labels"].get("grafana_dashboard") == "1", "sidecar label")
+    expect(cm["metadata"]["annotations"].get("grafana_folder") == "Orders", "folder annotation")
+    expect(cm["metadata"]["namespace"] == "monitoring", "namespace override")
+    expect(json.loads(cm["data"]["orders-gateway.json"]) == json.loads(DASHBOARD.read_text()), "ConfigMap carries the dashboard")
+
+
+# --------------------------------------------------------------------------
 
 def main() -> int:
     os.chdir(ROOT)
@@ -1156,6 +1296,13 @@ def main() -> int:
     r.check("alerts: promtool check rules", check_promtool_rules)
     r.check("alerts: promtool unit tests", check_promtool_tests)
     r.check("docs: OPERATIONS.md covers every metric, logs, capacity, Helm values", check_operations_doc)
+
+    print("== Grafana")
+    r.check("grafana: dashboard structure, a panel per operator question", check_dashboard_structure)
+    r.check("grafana: every query parses (promtool)", check_dashboard_promtool)
+    r.check("grafana: queries name only metrics the gateway exports", check_dashboard_metrics)
+    r.check("grafana: the chart's copy matches deploy/grafana", check_dashboard_chart_copy)
+    r.check("grafana: helm ships it as a sidecar ConfigMap when enabled", check_dashboard_configmap)
     return r.summary()
 
 

@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# Runs the JavaScript client and live-board tests (node --test).
+# Runs the JavaScript client and live-board tests (node --test): the client
+# against a fake server and the real gateway; the board in headless chromium
+# at 1920x1080, 1280x800, 1024x768 and 390x844 (screenshots in
+# clients/js/test-artifacts/); the npm package (tsc --noEmit over the
+# declarations and the typed/React examples, npm pack contents); the AsyncAPI
+# document and the frames the gateway sends against it.
 #
 # Needs the gateway binary for the integration and browser tests: run after
 # `cargo build` (default target/debug/orders-gateway, or set GATEWAY_BIN).

@@ -4,13 +4,17 @@
 #   scripts/test.sh
 #
 # Installs what is missing (redis-server, PostgreSQL binaries, nginx, node,
-# chromium — Debian packages, as root), starts a throwaway PostgreSQL of its
+# chromium, python3-venv — Debian packages, as root; npm packages from
+# clients/js/package-lock.json; PyPI packages into .venv-deploy/ and .venv-api/), starts a throwaway PostgreSQL of its
 # own on a free port (unless TEST_DATABASE_URL is set), then runs:
 #   1. cargo fmt --check and clippy -D warnings
 #   2. the deploy checks (Dockerfile, compose, Helm, nginx, alerts)
 #   3. the Rust unit and integration tests (nextest; each Redis test starts
 #      its own redis-server, each database test its own database)
-#   4. the JavaScript client and browser tests (node --test, headless chromium)
+#   4. the HTTP API against docs/openapi.json (validator, router paths,
+#      Schemathesis against a live gateway; scripts/check-api.sh)
+#   5. the JavaScript client, package and browser tests, the AsyncAPI
+#      document (node --test, tsc, headless chromium)
 # and ends with one line: "N passed, M failed".
 set -euo pipefail
 
@@ -42,6 +46,8 @@ command -v redis-server >/dev/null || need+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v setpriv >/dev/null || need+=(util-linux)
+# libfaketime: a replica with a skewed wall clock (tests/it/faults.rs).
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need+=(faketime)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   apt_install "${need[@]}"
@@ -119,7 +125,20 @@ set -e
 tally "${r_pass:-0}" "${r_fail:-0}"
 [ "$rust_rc" = 0 ] || [ "${r_fail:-0}" -gt 0 ] || tally 0 1
 
-# ------------------------------------------------------------ 4. JavaScript
+# ------------------------------------------------------------ 4. HTTP API document
+log "OpenAPI document and Schemathesis against a live gateway"
+api_out="$(mktemp)"
+set +e
+GATEWAY_BIN="$repo/target/debug/orders-gateway" bash scripts/check-api.sh 2>&1 | tee "$api_out"
+api_rc=${PIPESTATUS[0]}
+set -e
+line="$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$api_out" | tail -n1 || true)"
+if [ -n "$line" ]; then
+  tally "$(echo "$line" | sed -E 's/^([0-9]+) passed.*/\1/')" "$(echo "$line" | sed -E 's/^[0-9]+ passed, ([0-9]+) failed.*/\1/')"
+fi
+[ "$api_rc" = 0 ] || { [ -n "$line" ] || tally 0 1; }
+
+# ------------------------------------------------------------ 5. JavaScript
 log "JavaScript client and browser tests"
 js_out="$(mktemp)"
 set +e

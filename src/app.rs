@@ -25,14 +25,19 @@ use crate::config::Config;
 use crate::db::Database;
 use crate::demo::Demo;
 use crate::domain::SnapshotSource;
-use crate::http::{AppState, router};
+use crate::http::{AppState, router, server};
 use crate::hub::Hub;
 use crate::node::Node;
 use crate::poller::Poller;
 use crate::session::SessionContext;
+use crate::snapshots::Snapshots;
 
 /// How many sockets send their close frame at once during shutdown.
 const CLOSE_CONCURRENCY: usize = 512;
+/// Snapshot reads running at once, across restaurants: half the database
+/// pool (8, src/db.rs), so the poller and membership lookups always find a
+/// connection however many restaurants resync at once.
+const SNAPSHOT_READS: usize = 4;
 
 /// The process-wide Prometheus recorder (a recorder can be installed once;
 /// tests run several apps in one process and share it).
@@ -76,9 +81,15 @@ impl App {
         let (inbound_tx, inbound) = mpsc::channel(INBOUND_CAPACITY);
         let backend: Arc<dyn Backend> = match &config.redis_url {
             Some(url) => Arc::new(
-                RedisBroker::start(url, inbound_tx, config.history_limits(), background.clone())
-                    .await
-                    .context("REDIS_URL")?,
+                RedisBroker::start(
+                    url,
+                    config.instance_id(),
+                    inbound_tx,
+                    config.history_limits(),
+                    background.clone(),
+                )
+                .await
+                .context("REDIS_URL")?,
             ),
             None => {
                 tracing::warn!(
@@ -120,7 +131,7 @@ impl App {
         let sessions = Arc::new(SessionContext {
             node: node.clone(),
             verifier: verifier.clone(),
-            snapshots,
+            snapshots: snapshots.map(|s| Snapshots::new(s, node.clone(), SNAPSHOT_READS)),
             heartbeat_interval: config.heartbeat_interval(),
             send_queue_capacity: config.send_queue_capacity,
             client_message_rate: NonZeroU32::new(config.client_message_rate).expect("validated"),
@@ -202,11 +213,12 @@ impl App {
         let server = {
             let stop = listener_stop.clone();
             let app = router(state.clone());
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            })
+            let limits = server::Limits {
+                header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+                handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+                max_handshakes: config.max_handshakes,
+            };
+            tokio::spawn(server::serve(listener, app, limits, stop))
         };
 
         shutdown.await;

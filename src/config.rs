@@ -118,6 +118,18 @@ pub struct Config {
     /// Demo mode: a demo restaurant, a generated token and simulated guests.
     #[arg(long, env = "DEMO", default_value_t = false)]
     pub demo: bool,
+    /// A connection must send a whole request head within this (slowloris).
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// From accept to the WebSocket upgrade (or, for plain HTTP, to the
+    /// end of the connection's last request); past it the connection is
+    /// closed once its request in flight, if any, is answered.
+    #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 15_000)]
+    pub handshake_timeout_ms: u64,
+    /// Connections accepted but not yet upgraded (or plain HTTP); beyond it
+    /// new connections are closed at once.
+    #[arg(long, env = "MAX_HANDSHAKES", default_value_t = 1024)]
+    pub max_handshakes: usize,
 }
 
 /// A configuration value that cannot work, named by its variable.
@@ -243,6 +255,21 @@ impl Config {
         }
         if self.presence_ttl_ms < 1000 {
             return Err(bad("PRESENCE_TTL_MS", "must be at least 1000"));
+        }
+        if !(100..=600_000).contains(&self.header_read_timeout_ms) {
+            return Err(bad(
+                "HEADER_READ_TIMEOUT_MS",
+                "must be between 100 and 600000",
+            ));
+        }
+        if !(self.header_read_timeout_ms..=600_000).contains(&self.handshake_timeout_ms) {
+            return Err(bad(
+                "HANDSHAKE_TIMEOUT_MS",
+                "must be between HEADER_READ_TIMEOUT_MS and 600000",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.max_handshakes) {
+            return Err(bad("MAX_HANDSHAKES", "must be between 1 and 1000000"));
         }
         if self.log_format != "text" && self.log_format != "json" {
             return Err(bad("LOG_FORMAT", "must be text or json"));

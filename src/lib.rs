@@ -6,6 +6,7 @@
 //! app      wires everything, owns the shutdown order
 //! http     router, extractors, ApiError, access (token -> restaurant)
 //! session  one socket: catch-up, then one select! loop; close codes
+//! snapshots one shared snapshot read per restaurant at a time (single flight)
 //! node     hub + broker: subscribe on first socket, lazy unsubscribe, fan-out
 //! poller   leader-elected change capture: diff (pure) + SQL + publish
 //! hub      local sockets per restaurant, bounded queues      (no Redis, no SQL)
@@ -28,3 +29,4 @@ pub mod hub;
 pub mod node;
 pub mod poller;
 pub mod session;
+pub mod snapshots;

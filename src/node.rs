@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::{
-    Backend, BrokerError, ConnectionRecord, History, Inbound, PublishRequest, Published,
+    Backend, BrokerError, ConnectionRecord, Cursor, History, Inbound, PublishRequest, Published,
 };
 use crate::domain::{EventId, Frame, RestaurantId};
 use crate::hub::{Hub, JoinError, Member};
@@ -46,9 +46,50 @@ struct Inner {
     subscriptions: Mutex<HashMap<RestaurantId, Arc<tokio::sync::Mutex<bool>>>>,
     /// This replica's sockets as the cluster sees them, for heartbeats.
     local: Mutex<HashMap<Uuid, ConnectionRecord>>,
-    /// Newest numbered event dispatched per restaurant: after a pub/sub
-    /// reconnect, what came later is fetched from history.
-    last_dispatched: Mutex<HashMap<RestaurantId, EventId>>,
+    /// Per subscribed restaurant, the stream position this replica has
+    /// dispatched up to: taken right after subscribing, advanced by every
+    /// numbered event. After a pub/sub reconnect, what came later is
+    /// fetched from history. A restaurant without one is told to resync.
+    positions: Mutex<HashMap<RestaurantId, Cursor>>,
+    /// Per restaurant, the newest version of each order dispatched: an
+    /// equal or older version is never dispatched again (a publisher that
+    /// lost its dedup state, a lagging poller).
+    versions: Mutex<HashMap<RestaurantId, VersionLog>>,
+}
+
+/// Order versions dispatched for one restaurant, bounded: the oldest
+/// entries are forgotten first.
+#[derive(Default)]
+struct VersionLog {
+    newest: HashMap<Uuid, i64>,
+    order: std::collections::VecDeque<Uuid>,
+}
+
+/// Orders remembered per restaurant by [`VersionLog`]; a day of a busy
+/// restaurant, about 40 bytes each.
+const VERSIONS_PER_RESTAURANT: usize = 4096;
+
+impl VersionLog {
+    /// Record `v` unless an equal or newer version was dispatched already.
+    fn admit(&mut self, v: crate::domain::OrderVersion) -> bool {
+        match self.newest.get_mut(&v.order_id) {
+            Some(seen) if *seen >= v.updated_at_micros => false,
+            Some(seen) => {
+                *seen = v.updated_at_micros;
+                true
+            }
+            None => {
+                if self.order.len() >= VERSIONS_PER_RESTAURANT
+                    && let Some(old) = self.order.pop_front()
+                {
+                    self.newest.remove(&old);
+                }
+                self.order.push_back(v.order_id);
+                self.newest.insert(v.order_id, v.updated_at_micros);
+                true
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -70,7 +111,8 @@ impl Node {
                 presence_ttl,
                 subscriptions: Mutex::new(HashMap::new()),
                 local: Mutex::new(HashMap::new()),
-                last_dispatched: Mutex::new(HashMap::new()),
+                positions: Mutex::new(HashMap::new()),
+                versions: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -133,6 +175,16 @@ impl Node {
         if !*subscribed {
             self.inner.backend.subscribe(r).await?;
             *subscribed = true;
+            // Read after subscribing: whatever is published later arrives
+            // on the link, or is in history after this position.
+            match self.inner.backend.position(r).await {
+                Ok(p) => {
+                    lock(&self.inner.positions).insert(r, p);
+                }
+                Err(e) => {
+                    tracing::warn!(restaurant_id = %r, error = %e, "could not read the stream position");
+                }
+            }
         }
         Ok(())
     }
@@ -170,7 +222,8 @@ impl Node {
                 // Only this sweep and the map hold it: nobody is joining.
                 if map.get(&r).is_some_and(|c| Arc::strong_count(c) == 2) {
                     map.remove(&r);
-                    lock(&self.inner.last_dispatched).remove(&r);
+                    lock(&self.inner.positions).remove(&r);
+                    lock(&self.inner.versions).remove(&r);
                 }
             }
         }
@@ -185,11 +238,18 @@ impl Node {
         r: RestaurantId,
         after: EventId,
     ) -> Result<History, BrokerError> {
-        self.inner.backend.history_after(r, after).await
+        self.inner
+            .backend
+            .history_after(r, Cursor::After(after))
+            .await
     }
 
+    /// The id of the restaurant's newest event, if it has a history.
     pub async fn last_event_id(&self, r: RestaurantId) -> Result<Option<EventId>, BrokerError> {
-        self.inner.backend.last_event_id(r).await
+        Ok(match self.inner.backend.position(r).await? {
+            Cursor::After(id) => Some(id),
+            Cursor::Empty { .. } => None,
+        })
     }
 
     /// Fan received payloads out to the hub until the broker goes away.
@@ -215,10 +275,19 @@ impl Node {
                 return;
             }
         };
+        if let Some(v) = frame.version
+            && !lock(&self.inner.versions).entry(r).or_default().admit(v)
+        {
+            metrics::counter!("orders_gateway_events_stale_dropped_total").increment(1);
+            return;
+        }
         if let Some(id) = frame.event_id {
-            let mut last = lock(&self.inner.last_dispatched);
-            let newest = last.entry(r).or_insert(id);
-            *newest = id.max(*newest);
+            let mut positions = lock(&self.inner.positions);
+            let p = positions.entry(r).or_insert(Cursor::After(id));
+            match p {
+                Cursor::After(newest) if *newest >= id => {}
+                _ => *p = Cursor::After(id),
+            }
         }
         let out = self.inner.hub.broadcast(r, &frame);
         metrics::counter!("orders_gateway_messages_delivered_total")
@@ -234,9 +303,15 @@ impl Node {
     async fn fill_gaps(&self) {
         let restaurants = self.inner.hub.restaurants();
         for r in restaurants {
-            let last = lock(&self.inner.last_dispatched).get(&r).copied();
-            let Some(last) = last else { continue };
-            match self.inner.backend.history_after(r, last).await {
+            let position = lock(&self.inner.positions).get(&r).copied();
+            let Some(position) = position else {
+                // Subscribed without learning where the stream stood.
+                let frame =
+                    Frame::resync("events may have been missed while the broker was unreachable");
+                self.inner.hub.broadcast(r, &frame);
+                continue;
+            };
+            match self.inner.backend.history_after(r, position).await {
                 Ok(History::Events(frames)) => {
                     for f in frames {
                         self.dispatch_one(r, f);
@@ -246,7 +321,13 @@ impl Node {
                     let frame = Frame::resync("history was lost while the broker was unreachable");
                     self.inner.hub.broadcast(r, &frame);
                 }
-                Err(e) => tracing::warn!(restaurant_id = %r, error = %e, "gap fill failed"),
+                Err(e) => {
+                    tracing::warn!(restaurant_id = %r, error = %e, "gap fill failed; asking sockets to resync");
+                    let frame = Frame::resync(
+                        "events may have been missed while the broker was unreachable",
+                    );
+                    self.inner.hub.broadcast(r, &frame);
+                }
             }
         }
     }

@@ -4,26 +4,37 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
 use chrono::Utc;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
-use tokio::time::{Instant, sleep_until};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame as WireFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::auth::Verifier;
 use crate::broker::{BrokerError, ConnectionRecord, History};
-use crate::domain::{EventId, Frame, RestaurantId, SnapshotSource, format_timestamp};
+use crate::domain::{EventId, Frame, RestaurantId, format_timestamp};
 use crate::hub::{JoinError, Member};
 use crate::node::{Node, NodeError};
+use crate::snapshots::{Snapshot, SnapshotError, Snapshots};
+
+/// One dashboard's WebSocket (server side of an upgraded HTTP/1.1 connection).
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Why a socket is closed; the code is part of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +83,8 @@ impl CloseReason {
 pub struct SessionContext {
     pub node: Node,
     pub verifier: Verifier,
-    pub snapshots: Option<Arc<dyn SnapshotSource>>,
+    /// Shared snapshot reads (see `crate::snapshots`); None without a source.
+    pub snapshots: Option<Snapshots>,
     pub heartbeat_interval: Duration,
     pub send_queue_capacity: usize,
     pub client_message_rate: NonZeroU32,
@@ -95,15 +107,28 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A slow client's close frame waits behind what it has not read yet; give
 /// it time to get there (memory stays bounded by the socket buffers).
 const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the snapshot's versions are used to drop events it already shows.
-const SEAM_WINDOW: Duration = Duration::from_secs(60);
+/// Every message leaves in WebSocket frames of at most this many bytes.
+/// tungstenite copies each frame into the socket's write buffer, and that
+/// buffer keeps its largest size for the socket's life: sent whole, a 5 MB
+/// snapshot cost 5 MB per socket while a non-reading client held it, and
+/// again forever after. In fragments, a socket holds at most one (plus the
+/// kernel's socket buffer), and shrinks back to it after any burst. Clients
+/// reassemble fragments into one message (RFC 6455 5.4); browsers do it
+/// unseen. 8 KiB: ~640 writes for a 5 MB snapshot, and still room for a
+/// typical event (~1 KiB) in one frame.
+pub const FRAGMENT: usize = 8 * 1024;
+/// A send (one fragment) that makes no progress for this long means the
+/// client does not read: 4408.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a socket waits for its share of a snapshot read before 1013.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(30);
 
-pub async fn close(socket: &mut WebSocket, reason: &CloseReason) {
+pub async fn close(socket: &mut Socket, reason: &CloseReason) {
     metrics::counter!("orders_gateway_connections_closed_total", "code" => reason.code().to_string())
         .increment(1);
     let frame = CloseFrame {
-        code: reason.code(),
-        reason: Utf8Bytes::from(reason.text()),
+        code: CloseCode::from(reason.code()),
+        reason: reason.text().into(),
     };
     let limit = if *reason == CloseReason::TooSlow {
         SLOW_CLOSE_TIMEOUT
@@ -117,7 +142,7 @@ pub async fn close(socket: &mut WebSocket, reason: &CloseReason) {
         // Wait for the peer's close reply: dropping the TCP connection while
         // it is still sending would answer with a reset, and a reset makes
         // the peer's kernel discard our close frame unread.
-        let drain = async { while let Some(Ok(_)) = socket.recv().await {} };
+        let drain = async { while let Some(Ok(_)) = socket.next().await {} };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, drain).await;
     }
 }
@@ -130,11 +155,13 @@ struct ClientMessage {
 }
 
 /// Drops events the client already has: those at or before its cursor, and
-/// those whose order version a fresh snapshot already shows.
+/// those whose order version (or a newer one) a snapshot already showed.
+/// The node drops versions already dispatched on the live stream.
 struct Seam {
     cursor: Option<EventId>,
-    snapshot: HashMap<Uuid, i64>,
-    snapshot_until: Instant,
+    /// Shared by every socket that got the same snapshot read; kept for the
+    /// socket's life (no window), so a lagging poller cannot repeat them.
+    snapshot: Arc<HashMap<Uuid, i64>>,
 }
 
 impl Seam {
@@ -144,17 +171,13 @@ impl Seam {
         {
             return false;
         }
-        if !self.snapshot.is_empty() {
-            if Instant::now() > self.snapshot_until {
-                self.snapshot = HashMap::new();
-            } else if let Some(v) = frame.version
-                && self
-                    .snapshot
-                    .get(&v.order_id)
-                    .is_some_and(|seen| *seen >= v.updated_at_micros)
-            {
-                return false;
-            }
+        if let Some(v) = frame.version
+            && self
+                .snapshot
+                .get(&v.order_id)
+                .is_some_and(|seen| *seen >= v.updated_at_micros)
+        {
+            return false;
         }
         if let Some(id) = frame.event_id {
             self.cursor = Some(id);
@@ -165,10 +188,12 @@ impl Seam {
 
 struct Session<'a> {
     ctx: &'a SessionContext,
-    socket: WebSocket,
+    socket: Socket,
     admission: Admission,
     connection_id: Uuid,
     seam: Seam,
+    /// Cancelled by the hub when this socket's queue overflows: 4408.
+    overflowed: CancellationToken,
 }
 
 enum Step {
@@ -177,7 +202,7 @@ enum Step {
     Gone,
 }
 
-pub async fn run(ctx: Arc<SessionContext>, socket: WebSocket, admission: Admission) {
+pub async fn run(ctx: Arc<SessionContext>, socket: Socket, admission: Admission) {
     let connection_id = Uuid::new_v4();
     let r = admission.restaurant;
     // The caller's span has the restaurant and instance; add the connection.
@@ -203,9 +228,9 @@ pub async fn run(ctx: Arc<SessionContext>, socket: WebSocket, admission: Admissi
         connection_id,
         seam: Seam {
             cursor: None,
-            snapshot: HashMap::new(),
-            snapshot_until: Instant::now(),
+            snapshot: Arc::default(),
         },
+        overflowed: overflowed.clone(),
     };
     if let Err(e) = ctx.node.join(record, member).await {
         let reason = match e {
@@ -228,29 +253,115 @@ pub async fn run(ctx: Arc<SessionContext>, socket: WebSocket, admission: Admissi
     metrics::counter!("orders_gateway_connections_opened_total").increment(1);
     tracing::debug!("connected");
     let reason = session.serve(queue_rx, overflowed).await;
-    if let Some(reason) = &reason {
-        tracing::debug!(code = reason.code(), "closing");
-        if *reason == CloseReason::ShuttingDown {
+    match &reason {
+        Some(CloseReason::ShuttingDown) => {
+            tracing::debug!(code = 1001, "closing");
             // Bounded concurrency: thousands of closes do not stampede.
+            // Counted until closed: the drain waits for these.
             let _permit = ctx.closing.acquire().await;
-            close(&mut session.socket, reason).await;
-        } else {
+            close(&mut session.socket, &CloseReason::ShuttingDown).await;
+            ctx.node.leave(r, connection_id).await;
+        }
+        Some(reason) => {
+            tracing::debug!(code = reason.code(), "closing");
+            // Out of the hub first: a client that does not read may keep
+            // its close frame waiting for seconds, and is not a dashboard
+            // any more (no events queued for it, not counted).
+            ctx.node.leave(r, connection_id).await;
             close(&mut session.socket, reason).await;
         }
-    } else {
-        metrics::counter!("orders_gateway_connections_closed_total", "code" => "client")
-            .increment(1);
+        None => {
+            metrics::counter!("orders_gateway_connections_closed_total", "code" => "client")
+                .increment(1);
+            ctx.node.leave(r, connection_id).await;
+        }
     }
-    ctx.node.leave(r, connection_id).await;
 }
 
 impl Session<'_> {
-    async fn send_text(&mut self, text: Utf8Bytes) -> Result<(), ()> {
-        self.socket.send(Message::Text(text)).await.map_err(|_| ())
+    /// Send one text message (UTF-8 JSON), in fragments of at most
+    /// [`FRAGMENT`] bytes, each with a deadline. `Err` is how the socket ends.
+    async fn send_text(&mut self, text: Bytes) -> Result<(), Step> {
+        if text.len() <= FRAGMENT {
+            let frame = WireFrame::message(text, OpCode::Data(Data::Text), true);
+            return self.send(Message::Frame(frame)).await;
+        }
+        let mut start = 0;
+        while start < text.len() {
+            let end = (start + FRAGMENT).min(text.len());
+            // A fragment may split a UTF-8 sequence: allowed, only the
+            // whole message must be valid (RFC 6455 5.6).
+            let op = if start == 0 {
+                Data::Text
+            } else {
+                Data::Continue
+            };
+            let frame =
+                WireFrame::message(text.slice(start..end), OpCode::Data(op), end == text.len());
+            self.send(Message::Frame(frame)).await?;
+            start = end;
+        }
+        Ok(())
     }
 
-    async fn send_json(&mut self, value: serde_json::Value) -> Result<(), ()> {
-        self.send_text(Utf8Bytes::from(value.to_string())).await
+    async fn send_json(&mut self, value: serde_json::Value) -> Result<(), Step> {
+        self.send_text(Bytes::from(value.to_string())).await
+    }
+
+    /// One send, bounded: it ends the socket when it makes no progress for
+    /// [`SEND_TIMEOUT`] (4408), and while it waits the session still obeys
+    /// shutdown, its queue's overflow and its token's expiry. Most sends
+    /// complete at once and pay for none of these timers.
+    async fn send(&mut self, msg: Message) -> Result<(), Step> {
+        let Session {
+            socket,
+            ctx,
+            admission,
+            overflowed,
+            ..
+        } = self;
+        let mut send = std::pin::pin!(socket.send(msg));
+        if let Poll::Ready(sent) = futures_util::poll!(send.as_mut()) {
+            return sent.map_err(|_| Step::Gone);
+        }
+        metrics::counter!("orders_gateway_blocked_sends_total").increment(1);
+        tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => Err(Step::Close(CloseReason::ShuttingDown)),
+            _ = overflowed.cancelled() => Err(Step::Close(CloseReason::TooSlow)),
+            _ = sleep_until(expiry_instant(admission.expires_at)) => Err(expired()),
+            _ = sleep(SEND_TIMEOUT) => {
+                metrics::counter!("orders_gateway_send_timeouts_total").increment(1);
+                Err(Step::Close(CloseReason::TooSlow))
+            }
+            sent = send => sent.map_err(|_| Step::Gone),
+        }
+    }
+
+    /// This socket's share of a snapshot read that starts after now,
+    /// waited for like a send (shutdown, overflow, expiry, a deadline).
+    async fn shared_snapshot(&mut self, snapshots: &Snapshots) -> Result<Arc<Snapshot>, Step> {
+        let r = self.admission.restaurant;
+        let unavailable = |e: SnapshotError| {
+            Step::Close(match e {
+                SnapshotError::Broker(_) => {
+                    CloseReason::Unavailable("real-time service unavailable, retry".into())
+                }
+                SnapshotError::Source(_) => {
+                    CloseReason::Unavailable("snapshot unavailable, retry".into())
+                }
+            })
+        };
+        tokio::select! {
+            biased;
+            _ = self.ctx.shutdown.cancelled() => Err(Step::Close(CloseReason::ShuttingDown)),
+            _ = self.overflowed.cancelled() => Err(Step::Close(CloseReason::TooSlow)),
+            _ = sleep_until(expiry_instant(self.admission.expires_at)) => Err(expired()),
+            _ = sleep(SNAPSHOT_WAIT) => {
+                Err(Step::Close(CloseReason::Unavailable("snapshot unavailable, retry".into())))
+            }
+            got = snapshots.get(r) => got.map_err(unavailable),
+        }
     }
 
     /// Catch the client up, then relay until something ends the socket.
@@ -262,8 +373,8 @@ impl Session<'_> {
     ) -> Option<CloseReason> {
         match self.catch_up().await {
             Ok(()) => {}
-            Err(Some(reason)) => return Some(reason),
-            Err(None) => return None,
+            Err(Step::Close(reason)) => return Some(reason),
+            Err(_) => return None,
         }
         let ctx = self.ctx;
         let limiter: DefaultDirectRateLimiter = RateLimiter::direct(
@@ -297,12 +408,12 @@ impl Session<'_> {
                 biased;
                 _ = &mut shutdown => Step::Close(CloseReason::ShuttingDown),
                 _ = &mut cut_off => Step::Close(CloseReason::TooSlow),
-                _ = &mut expiry => Step::Close(CloseReason::Unauthorized("token expired".into())),
+                _ = &mut expiry => expired(),
                 frame = queue.recv() => match frame {
-                    Some(frame) => self.relay(frame, cut_off.as_mut(), shutdown.as_mut()).await,
+                    Some(frame) => self.relay(frame).await,
                     None => Step::Close(CloseReason::TooSlow),
                 },
-                msg = self.socket.recv() => {
+                msg = self.socket.next() => {
                     last_heard = Instant::now();
                     // Boxed: its token check is the largest state in this
                     // loop, and every idle socket would carry it inline.
@@ -311,10 +422,11 @@ impl Session<'_> {
                 _ = heartbeat.tick() => {
                     if last_heard.elapsed() > silence_limit {
                         Step::Close(CloseReason::HeartbeatTimeout)
-                    } else if self.socket.send(Message::Ping(Default::default())).await.is_err() {
-                        Step::Gone
                     } else {
-                        Step::Continue
+                        match self.send(Message::Ping(Bytes::new())).await {
+                            Ok(()) => Step::Continue,
+                            Err(step) => step,
+                        }
                     }
                 }
             };
@@ -328,7 +440,7 @@ impl Session<'_> {
 
     /// Resume from `last_event_id`, or send a snapshot; then
     /// `connection_established` has told the client which it got.
-    async fn catch_up(&mut self) -> Result<(), Option<CloseReason>> {
+    async fn catch_up(&mut self) -> Result<(), Step> {
         let r = self.admission.restaurant;
         let node = &self.ctx.node;
         let mut replay = None;
@@ -348,7 +460,7 @@ impl Session<'_> {
                         "last_event_id is older than the kept history, unknown, or its history was lost",
                     );
                 }
-                Err(e) => return Err(Some(unavailable(e))),
+                Err(e) => return Err(Step::Close(unavailable(e))),
             }
         }
         let resumed = replay.is_some();
@@ -361,97 +473,68 @@ impl Session<'_> {
             "heartbeat_interval_ms": self.ctx.heartbeat_interval.as_millis() as u64,
             "resumed": resumed,
         });
-        self.send_json(established).await.map_err(|_| None)?;
+        self.send_json(established).await?;
         if let Some(frames) = replay {
             for text in frames {
                 let Ok(frame) = Frame::parse(r, text) else {
                     continue;
                 };
                 if self.seam.admits(&frame) {
-                    self.send_text(frame.text).await.map_err(|_| None)?;
+                    self.send_text(frame.text.into()).await?;
                 }
             }
             return Ok(());
         }
         if let Some(reason) = resync_reason {
             self.send_json(json!({ "type": "resync_required", "reason": reason }))
-                .await
-                .map_err(|_| None)?;
+                .await?;
         }
         self.send_snapshot().await
     }
 
     /// Subscribed first (join), then read: an event committed around now is
     /// either in the snapshot or arrives after it, and the seam drops the
-    /// copies of what the snapshot already shows.
-    async fn send_snapshot(&mut self) -> Result<(), Option<CloseReason>> {
-        let Some(source) = self.ctx.snapshots.clone() else {
+    /// copies of what the snapshot already shows. The read is shared with
+    /// the restaurant's other sockets waiting at the same time.
+    async fn send_snapshot(&mut self) -> Result<(), Step> {
+        let Some(snapshots) = self.ctx.snapshots.clone() else {
             return Ok(());
         };
-        let r = self.admission.restaurant;
-        let last = self
-            .ctx
-            .node
-            .last_event_id(r)
-            .await
-            .map_err(|e| Some(unavailable(e)))?;
-        let orders = source.open_orders(r).await.map_err(|e| {
-            tracing::warn!(restaurant_id = %r, error = %e, "snapshot failed");
-            Some(CloseReason::Unavailable(
-                "snapshot unavailable, retry".into(),
-            ))
-        })?;
+        let snapshot = self.shared_snapshot(&snapshots).await?;
         metrics::counter!("orders_gateway_snapshots_total").increment(1);
-        self.seam.cursor = last.max(self.seam.cursor);
-        self.seam.snapshot = orders
-            .iter()
-            .map(|o| (o.id, o.updated_at.timestamp_micros()))
-            .collect();
-        self.seam.snapshot_until = Instant::now() + SEAM_WINDOW;
-        let frame = json!({
-            "type": "snapshot",
-            "orders": orders,
-            "last_event_id": last.map(|id| id.to_string()),
-        });
-        self.send_json(frame).await.map_err(|_| None)
+        self.seam.cursor = snapshot.last_event_id.max(self.seam.cursor);
+        self.seam.snapshot = snapshot.versions.clone();
+        let frame = snapshot.frame.clone();
+        // Only the bytes are needed from here on; the rest may go.
+        drop(snapshot);
+        self.send_text(frame).await
     }
 
-    async fn relay(
-        &mut self,
-        frame: Arc<Frame>,
-        cut_off: Pin<&mut WaitForCancellationFuture<'_>>,
-        shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
-    ) -> Step {
+    async fn relay(&mut self, frame: Arc<Frame>) -> Step {
         if frame.resync {
-            if self.send_text(frame.text.clone()).await.is_err() {
-                return Step::Gone;
+            if let Err(step) = self.send_text(frame.text.clone().into()).await {
+                return step;
             }
             self.seam.cursor = None;
             return match self.send_snapshot().await {
                 Ok(()) => Step::Continue,
-                Err(Some(reason)) => Step::Close(reason),
-                Err(None) => Step::Gone,
+                Err(step) => step,
             };
         }
         if !self.seam.admits(&frame) {
             return Step::Continue;
         }
         // A client that stops reading blocks this send; the hub then fills
-        // the queue and cancels `overflowed`, which must win the race.
-        tokio::select! {
-            biased;
-            _ = cut_off => Step::Close(CloseReason::TooSlow),
-            _ = shutdown => Step::Close(CloseReason::ShuttingDown),
-            sent = self.socket.send(Message::Text(frame.text.clone())) => match sent {
-                Ok(()) => Step::Continue,
-                Err(_) => Step::Gone,
-            },
+        // the queue and cancels `overflowed`, which `send` obeys.
+        match self.send_text(frame.text.clone().into()).await {
+            Ok(()) => Step::Continue,
+            Err(step) => step,
         }
     }
 
     async fn on_client(
         &mut self,
-        msg: Option<Result<Message, axum::Error>>,
+        msg: Option<Result<Message, tungstenite::Error>>,
         limiter: &DefaultDirectRateLimiter,
     ) -> Step {
         let msg = match msg {
@@ -471,7 +554,7 @@ impl Session<'_> {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, SinkExt::flush(&mut self.socket)).await;
                 return Step::Gone;
             }
-            Message::Ping(_) | Message::Pong(_) => return Step::Continue,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
             Message::Text(t) => t,
             Message::Binary(_) => {
                 if limiter.check().is_err() {
@@ -495,7 +578,7 @@ impl Session<'_> {
                 let pong = json!({ "type": "pong", "timestamp": format_timestamp(Utc::now()) });
                 match self.send_json(pong).await {
                     Ok(()) => Step::Continue,
-                    Err(()) => Step::Gone,
+                    Err(step) => step,
                 }
             }
             "auth" => self.reauthenticate(m.token.unwrap_or_default()).await,
@@ -541,7 +624,7 @@ impl Session<'_> {
             .await
         {
             Ok(()) => Step::Continue,
-            Err(()) => Step::Gone,
+            Err(step) => step,
         }
     }
 }
@@ -556,10 +639,10 @@ fn expiry_instant(expires_at: i64) -> Instant {
     Instant::now() + Duration::from_secs(left.clamp(0, 10 * 365 * 24 * 3600) as u64)
 }
 
-fn is_too_big(e: axum::Error) -> bool {
-    let inner = e.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => true,
-        _ => inner.to_string().to_ascii_lowercase().contains("too long"),
-    }
+fn is_too_big(e: tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Capacity(_))
+}
+
+fn expired() -> Step {
+    Step::Close(CloseReason::Unauthorized("token expired".into()))
 }

@@ -13,7 +13,8 @@
 //   * applies `snapshot` (replaces the map), handles `resync_required`
 //     (forgets the cursor and waits for the snapshot that follows);
 //   * drops duplicates: events whose event_id is not after the last applied
-//     one, and order versions not newer than the one already held;
+//     one, and order versions (id + updated_at) equal to or older than one
+//     already held, including across snapshots and after the order closed;
 //   * refreshes the token through `getToken()` before it expires (`auth`
 //     message) and after a 4401 close; stops on 4403/4400 ('offline').
 //
@@ -429,12 +430,32 @@ export class OrdersLive {
   }
 
   _applySnapshot(msg) {
+    // The snapshot is the server's view, but a version this client already
+    // had stays "seen": a snapshot that lags a live event does not roll an
+    // order back, and an order that left the snapshot (closed meanwhile) is
+    // remembered at the version held, so a late replay of it (a lagging
+    // poller, dedup state lost) cannot bring it back.
     const orders = new Map();
     for (const order of Array.isArray(msg.orders) ? msg.orders : []) {
-      if (order && order.id != null && !CLOSED_STATUSES.has(order.order_status)) orders.set(String(order.id), order);
+      if (!order || order.id == null) continue;
+      const id = String(order.id);
+      const held = this.orders.get(id);
+      if (held && isNotNewer(order.updated_at, held.updated_at)) {
+        orders.set(id, held);
+        continue;
+      }
+      if (this._removed.has(id) && isNotNewer(order.updated_at, this._removed.get(id))) continue;
+      if (CLOSED_STATUSES.has(order.order_status)) {
+        this._rememberRemoved(id, order.updated_at);
+        continue;
+      }
+      this._removed.delete(id);
+      orders.set(id, order);
+    }
+    for (const [id, held] of this.orders) {
+      if (!orders.has(id)) this._rememberRemoved(id, held.updated_at);
     }
     this.orders = orders;
-    this._removed.clear();
     this.lastEventId = msg.last_event_id || null;
     this.awaitingSnapshot = false;
     this._emitOrders({ reason: 'snapshot' });
@@ -448,13 +469,13 @@ export class OrdersLive {
     }
     if (evt.event_id != null) this.lastEventId = String(evt.event_id);
 
+    // A version equal to or older than one already held (or held before the
+    // order closed) is already seen: delivered again under a new event id
+    // after the server lost its dedup state, or by a lagging poller.
     const id = String(order.id);
     const held = this.orders.get(id);
     const heldAt = held ? held.updated_at : this._removed.get(id);
-    if (heldAt !== undefined) {
-      const cmp = compareTimestamps(order.updated_at, heldAt);
-      if (cmp !== null && cmp <= 0) return; // not newer than what we show
-    }
+    if (heldAt !== undefined && isNotNewer(order.updated_at, heldAt)) return;
 
     if (CLOSED_STATUSES.has(order.order_status)) {
       this.orders.delete(id);
@@ -475,6 +496,12 @@ export class OrdersLive {
   _emitOrders(info) {
     try { this.onOrders(this.orders, info); } catch (err) { reportCallbackError(err); }
   }
+}
+
+/** True when version `a` is known to be the same as or older than `b`. */
+function isNotNewer(a, b) {
+  const cmp = compareTimestamps(a, b);
+  return cmp !== null && cmp <= 0;
 }
 
 function reportCallbackError(err) {

@@ -571,10 +571,15 @@ impl Publisher {
                 );
                 let cmd = match self.mode {
                     PublishMode::Fcall => {
+                        let rid = &self.restaurants[r];
+                        let order_id = version.split('@').next().unwrap_or_default();
                         let mut c = redis::cmd("FCALL");
                         c.arg("og_publish")
-                            .arg(0)
-                            .arg(&self.restaurants[r])
+                            .arg(3)
+                            .arg(format!("og:{{orders:{rid}}}:meta"))
+                            .arg(format!("og:{{orders:{rid}}}:hist"))
+                            .arg(format!("og:{{orders:{rid}}}:v:{order_id}"))
+                            .arg(rid)
                             .arg(version)
                             .arg(body);
                         c

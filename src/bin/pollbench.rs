@@ -1104,7 +1104,7 @@ impl Drop for Replica {
 async fn wait_leader(redis: &RedisServer, after: Option<u64>) -> anyhow::Result<(u64, String)> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if let Ok(Some(token)) = redis.get("og:leader").await {
+        if let Ok(Some(token)) = redis.get("og:{og}:leader").await {
             let epoch: u64 = token.split(':').next().unwrap_or_default().parse()?;
             let holder = orders_gateway::broker::Lease::holder_of(&token).context("lease token")?;
             if after.is_none_or(|e| epoch > e) {
@@ -1117,7 +1117,7 @@ async fn wait_leader(redis: &RedisServer, after: Option<u64>) -> anyhow::Result<
 }
 
 async fn wait_watched(redis: &RedisServer, r: Uuid) -> anyhow::Result<()> {
-    let key = format!("og:poll:known:{r}");
+    let key = format!("og:{{og}}:poll:known:{r}");
     for _ in 0..600 {
         let mut conn = redis.conn().await?;
         let n: i64 = redis::cmd("HEXISTS")

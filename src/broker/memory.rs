@@ -11,7 +11,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{Mutex, mpsc};
 
 use super::{
-    Broker, BrokerError, Cluster, ConnectionRecord, History, Inbound, Lease, PollerState,
+    Broker, BrokerError, Cluster, ConnectionRecord, Cursor, History, Inbound, Lease, PollerState,
     PollerStateDelta, PublishRequest, Published,
 };
 use crate::config::HistoryLimits;
@@ -34,8 +34,10 @@ pub struct MemoryBroker {
 struct State {
     subscribed: HashSet<RestaurantId>,
     histories: HashMap<RestaurantId, RestaurantHistory>,
-    dedup: HashMap<(RestaurantId, String), (EventId, Instant)>,
-    dedup_order: VecDeque<(RestaurantId, String)>,
+    /// Newest published version (`updated_at` µs) of each order, its event
+    /// id and when the entry expires.
+    dedup: HashMap<(RestaurantId, uuid::Uuid), (i64, EventId, Instant)>,
+    dedup_order: VecDeque<(RestaurantId, uuid::Uuid)>,
     connections: HashMap<uuid::Uuid, (ConnectionRecord, Instant)>,
     instances: HashMap<String, Instant>,
     leader: Option<(String, Instant)>,
@@ -46,6 +48,8 @@ struct State {
 struct RestaurantHistory {
     epoch: u64,
     seq: u64,
+    /// Seq of the newest event trimmed away (0: none).
+    floor: u64,
     last_at: Instant,
     events: VecDeque<(u64, Instant, Utf8Bytes)>,
 }
@@ -83,19 +87,24 @@ impl State {
             .front()
             .is_some_and(|(_, at, _)| at.elapsed() > limits.max_age)
         {
-            h.events.pop_front();
+            if let Some((seq, _, _)) = h.events.pop_front() {
+                h.floor = seq;
+            }
         }
         Some(h)
     }
 
-    fn remember(&mut self, key: (RestaurantId, String), id: EventId) {
+    fn remember(&mut self, key: (RestaurantId, uuid::Uuid), micros: i64, id: EventId) {
         if self.dedup.len() >= DEDUP_CAPACITY
             && let Some(old) = self.dedup_order.pop_front()
         {
             self.dedup.remove(&old);
         }
-        self.dedup_order.push_back(key.clone());
-        self.dedup.insert(key, (id, Instant::now() + DEDUP_TTL));
+        if !self.dedup.contains_key(&key) {
+            self.dedup_order.push_back(key);
+        }
+        self.dedup
+            .insert(key, (micros, id, Instant::now() + DEDUP_TTL));
     }
 
     fn leader_token(&mut self) -> Option<&str> {
@@ -129,10 +138,11 @@ impl Broker for MemoryBroker {
         {
             return Err(BrokerError::Fenced);
         }
-        let key = req.version.map(|v| (req.restaurant, v.token()));
-        if let Some(key) = &key
-            && let Some((id, exp)) = st.dedup.get(key)
+        let key = req.version.map(|v| (req.restaurant, v.order_id));
+        if let (Some(key), Some(v)) = (&key, req.version)
+            && let Some((micros, id, exp)) = st.dedup.get(key)
             && *exp > Instant::now()
+            && *micros >= v.updated_at_micros
         {
             return Ok(Published {
                 event_id: *id,
@@ -146,6 +156,7 @@ impl Broker for MemoryBroker {
                 RestaurantHistory {
                     epoch: now_ms(),
                     seq: 0,
+                    floor: 0,
                     last_at: Instant::now(),
                     events: VecDeque::new(),
                 },
@@ -164,10 +175,12 @@ impl Broker for MemoryBroker {
         let frame = Utf8Bytes::from(stamp_event_id(&req.body, id));
         h.events.push_back((h.seq, Instant::now(), frame.clone()));
         while h.events.len() as u64 > limits.max_events {
-            h.events.pop_front();
+            if let Some((seq, _, _)) = h.events.pop_front() {
+                h.floor = seq;
+            }
         }
-        if let Some(key) = key {
-            st.remember(key, id);
+        if let (Some(key), Some(v)) = (key, req.version) {
+            st.remember(key, v.updated_at_micros, id);
         }
         if st.subscribed.contains(&req.restaurant) {
             let msg = Inbound::Event {
@@ -183,33 +196,48 @@ impl Broker for MemoryBroker {
         })
     }
 
-    async fn history_after(&self, r: RestaurantId, after: EventId) -> Result<History, BrokerError> {
+    async fn history_after(&self, r: RestaurantId, after: Cursor) -> Result<History, BrokerError> {
         let mut st = self.state.lock().await;
         let Some(h) = st.history(r, self.limits) else {
-            return Ok(History::Gone);
+            return Ok(match after {
+                Cursor::Empty { .. } => History::Events(Vec::new()),
+                Cursor::After(_) => History::Gone,
+            });
         };
-        if after.epoch != h.epoch || after.seq > h.seq {
-            return Ok(History::Gone);
-        }
-        let oldest_kept = h.events.front().map_or(h.seq + 1, |(s, _, _)| *s);
-        if after.seq + 1 < oldest_kept {
-            return Ok(History::Gone);
-        }
+        let after_seq = match after {
+            Cursor::Empty { at_ms } => {
+                if (h.epoch as i64) < at_ms || h.floor != 0 {
+                    return Ok(History::Gone);
+                }
+                0
+            }
+            Cursor::After(id) => {
+                if id.epoch != h.epoch || id.seq > h.seq || id.seq < h.floor {
+                    return Ok(History::Gone);
+                }
+                id.seq
+            }
+        };
         Ok(History::Events(
             h.events
                 .iter()
-                .filter(|(s, _, _)| *s > after.seq)
+                .filter(|(s, _, _)| *s > after_seq)
                 .map(|(_, _, f)| f.clone())
                 .collect(),
         ))
     }
 
-    async fn last_event_id(&self, r: RestaurantId) -> Result<Option<EventId>, BrokerError> {
+    async fn position(&self, r: RestaurantId) -> Result<Cursor, BrokerError> {
         let mut st = self.state.lock().await;
-        Ok(st.history(r, self.limits).map(|h| EventId {
-            epoch: h.epoch,
-            seq: h.seq,
-        }))
+        Ok(match st.history(r, self.limits) {
+            Some(h) => Cursor::After(EventId {
+                epoch: h.epoch,
+                seq: h.seq,
+            }),
+            None => Cursor::Empty {
+                at_ms: now_ms() as i64,
+            },
+        })
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {

@@ -59,6 +59,16 @@ pub struct Published {
     pub duplicate: bool,
 }
 
+/// A position in a restaurant's event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    /// Just after this event.
+    After(EventId),
+    /// Before the first event of any history that begins at or after this
+    /// broker time (ms): the restaurant had no history when it was taken.
+    Empty { at_ms: i64 },
+}
+
 /// Answer to "what happened after `event_id`?".
 #[derive(Debug, Clone, PartialEq)]
 pub enum History {
@@ -140,12 +150,19 @@ pub trait Broker: Send + Sync + 'static {
     /// the subscription is in effect: events published after that arrive.
     async fn subscribe(&self, r: RestaurantId) -> Result<(), BrokerError>;
     async fn unsubscribe(&self, r: RestaurantId) -> Result<(), BrokerError>;
-    /// Deduplicate, number, record in history and broadcast, atomically.
+    /// Number, record in history and broadcast, atomically. An order
+    /// version already published, or older than one already published, is
+    /// not published again: answered as a duplicate with the newest id.
     async fn publish(&self, req: PublishRequest) -> Result<Published, BrokerError>;
-    async fn history_after(&self, r: RestaurantId, after: EventId) -> Result<History, BrokerError>;
-    /// The id of the restaurant's newest event, if it has a history.
-    async fn last_event_id(&self, r: RestaurantId) -> Result<Option<EventId>, BrokerError>;
-    /// Is the broker reachable right now?
+    /// Every event after `after`, or [`History::Gone`] when that cannot be
+    /// told exactly (trimmed, expired, another epoch, or an id this broker
+    /// never issued or has lost).
+    async fn history_after(&self, r: RestaurantId, after: Cursor) -> Result<History, BrokerError>;
+    /// The restaurant's current position: its newest event, or "no history
+    /// yet" with the broker's time.
+    async fn position(&self, r: RestaurantId) -> Result<Cursor, BrokerError>;
+    /// Is the broker reachable, and does this replica's subscription link
+    /// deliver, right now?
     async fn ping(&self) -> Result<(), BrokerError>;
 }
 

@@ -1,166 +1,296 @@
 #!lua name=orders_gateway
 -- Server-side steps of orders-gateway, installed by every replica at start
 -- (FUNCTION LOAD REPLACE) and again whenever Redis answers "function not
--- found" (a restarted Redis without persistence).
+-- found" (a restarted Redis without persistence). The gateway fills in the
+-- @LIMITS@ line before loading, so no function reads a global config key:
+-- every function touches only the keys it declares, all of one hash slot,
+-- which is what Redis Cluster requires.
 --
--- Keys (not declared: single-node Redis, not Redis Cluster):
---   og:config                  history_max_events, history_max_age_ms, dedup_ttl_ms
---   og:meta:<rid>              epoch, seq              (event numbering)
---   og:hist:<rid>              zset seq -> "<ms>|<frame>" (resume history)
---   og:dedup:<rid>:<version>   event id of that order version
---   og:leader, og:leader:epoch poller lock and its fencing epoch
---   og:poll:cursor, og:poll:last, og:poll:known:<rid>  poller progress
+-- Keys. Per restaurant, hash-tagged with the channel name so that they live
+-- in the slot of the channel `orders:<rid>` itself:
+--   og:{orders:<rid>}:meta            epoch, seq, floor, fence   (numbering)
+--   og:{orders:<rid>}:hist            zset seq -> "<ms>|<frame>"  (resume history)
+--   og:{orders:<rid>}:v:<order_id>    "<updated_at µs>|<event id>" newest version published
+-- Global, all in the slot of the tag {og}:
+--   og:{og}:leader, og:{og}:leader:epoch          poller lock and its fencing epoch
+--   og:{og}:poll:cursor, og:{og}:poll:last, og:{og}:poll:known:<rid>  poller progress
+--
+-- Event ids are "<epoch: 13 digits>-<seq: 12 digits>". The epoch is the
+-- Redis time (ms) at which the restaurant's history began. The seq is the
+-- number of microseconds since the epoch at which the event was numbered,
+-- or one more than the previous seq when that is larger. Time-based, not a
+-- plain counter, so that ids are never issued twice even when Redis loses
+-- its most recent writes (an asynchronous replica promoted, a restore, AOF
+-- everysec): ids issued after the loss are later in time than the lost
+-- ones, so a client holding a lost id never sees a new event under it; its
+-- resume finds the id missing from history and is told to resync.
+
+-- @LIMITS@
+local MAX_EVENTS, MAX_AGE_MS, DEDUP_TTL_MS, PUBLISH = 1000, 3600000, 86400000, 'PUBLISH'
 
 local UUID = '^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$'
+local MAX_SEQ = 999999999999
+-- Sharded pub/sub means Redis Cluster; otherwise one node, where a function
+-- may read the leader key beside the restaurant's.
+local SINGLE_NODE = PUBLISH == 'PUBLISH'
+local LEADER, LEADER_EPOCH = 'og:{og}:leader', 'og:{og}:leader:epoch'
 
-local function now_ms()
+local function now_us()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
-local function lease_is_current(token)
-  return redis.call('GET', 'og:leader') == token
+local function tag(rid)
+  return 'og:{orders:' .. rid .. '}'
 end
 
--- FCALL og_publish 0 <restaurant_id> <version or ""> <event json without event_id> [<lease>]
--- Deduplicates by order version, numbers the event, records it in the
--- restaurant's history and publishes it on orders:<restaurant_id>, as one
--- atomic step. Returns {event_id, duplicate (0|1)}.
+local function check_keys(keys, expected)
+  for i, k in ipairs(expected) do
+    if keys[i] ~= k then
+      return redis.error_reply('ERR key ' .. i .. ' must be ' .. k)
+    end
+  end
+  return nil
+end
+
+-- The epoch of a lease token "<epoch>:<instance>:<nonce>".
+local function lease_epoch(token)
+  return tonumber(string.match(token, '^(%d+):'))
+end
+
+-- Drop the oldest history entry, remembering its seq as the floor: an id at
+-- the floor is still a valid resume point (nothing after it was lost).
+local function trim_oldest(meta, hist)
+  local oldest = redis.call('ZRANGE', hist, 0, 0, 'WITHSCORES')
+  if #oldest == 0 then return nil end
+  redis.call('ZREMRANGEBYRANK', hist, 0, 0)
+  redis.call('HSET', meta, 'floor', oldest[2])  -- a score: Redis formats it
+  return oldest[1]
+end
+
+-- FCALL og_publish 3 og:{orders:<rid>}:meta og:{orders:<rid>}:hist og:{orders:<rid>}:v:<order_id>
+--       <rid> <version "<order_id>@<updated_at µs>" or ""> <event json without event_id> [<lease>]
+-- (With an empty version the third key is omitted: FCALL og_publish 2 ...)
+-- The gateway's poller passes its lease. On a single Redis node the lease
+-- must be the current one (og:{og}:leader). On Redis Cluster that key lives
+-- in another slot, so only the per-restaurant fence applies: a lease older than one already used on this
+-- restaurant is refused. (A stale leader can then still publish a version
+-- newer than any published for that order -- a true change -- but never
+-- repeat or regress one; see docs/OPERATIONS.md.)
+-- Numbers the event, records it in the restaurant's history and publishes
+-- it on orders:<rid>, as one atomic step. An order version already
+-- published, or older than one already published, is not published again:
+-- the answer is {event id of the newest published version, 1}. Otherwise
+-- {event_id, 0}. A lease older than one already used on this restaurant is
+-- refused with FENCED.
 local function og_publish(keys, args)
   local rid, version, body, lease = args[1], args[2], args[3], args[4]
   if rid == nil or version == nil or body == nil then
-    return redis.error_reply('ERR usage: FCALL og_publish 0 <restaurant_id> <version|""> <event_json> [lease]')
+    return redis.error_reply('ERR usage: FCALL og_publish 3 <meta> <hist> <version key> <restaurant_id> <version|""> <event_json> [lease]')
   end
   if not string.match(rid, UUID) then
     return redis.error_reply('ERR restaurant_id must be a lowercase uuid')
   end
-  local rest = string.match(body, '^%s*{%s*(.*)$')
-  if rest == nil then
+  local meta, hist = tag(rid) .. ':meta', tag(rid) .. ':hist'
+  -- micros_s keeps the digits: Lua numbers print in exponent notation.
+  local order_id, micros, micros_s = nil, nil, nil
+  if version ~= '' then
+    order_id, micros = string.match(version, '^(%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x)@(%d+)$')
+    if order_id == nil then
+      return redis.error_reply('ERR version must be "<order uuid>@<updated_at microseconds>"')
+    end
+    micros_s = micros
+    micros = tonumber(micros)
+  end
+  local expected = {meta, hist}
+  if order_id then expected[3] = tag(rid) .. ':v:' .. order_id end
+  local bad = check_keys(keys, expected)
+  if bad then return bad end
+  local ok, decoded = pcall(cjson.decode, body)
+  if not ok or type(decoded) ~= 'table' or string.match(body, '^%s*%[') then
     return redis.error_reply('ERR event must be a JSON object')
   end
-  if lease ~= nil and lease ~= '' and not lease_is_current(lease) then
-    return redis.error_reply('FENCED stale leader lease')
+  if decoded['event_id'] ~= nil then
+    return redis.error_reply('ERR event must not carry an event_id: the function assigns it')
   end
-  local dedup = nil
-  if version ~= '' then
-    dedup = 'og:dedup:' .. rid .. ':' .. version
-    local prior = redis.call('GET', dedup)
-    if prior then
-      return {prior, 1}
+  if type(decoded['type']) ~= 'string' or decoded['type'] == '' then
+    return redis.error_reply('ERR event must have a string "type"')
+  end
+  if lease ~= nil and lease ~= '' then
+    local e = lease_epoch(lease)
+    if e == nil then return redis.error_reply('ERR malformed lease') end
+    local fence = tonumber(redis.call('HGET', meta, 'fence') or '0')
+    if fence > e or (SINGLE_NODE and redis.call('GET', LEADER) ~= lease) then
+      return redis.error_reply('FENCED stale leader lease')
     end
   end
-  local cfg = redis.call('HMGET', 'og:config', 'history_max_events', 'history_max_age_ms', 'dedup_ttl_ms')
-  local max_events = tonumber(cfg[1]) or 1000
-  local max_age = tonumber(cfg[2]) or 3600000
-  local dedup_ttl = tonumber(cfg[3]) or 86400000
-  local meta = 'og:meta:' .. rid
-  local hist = 'og:hist:' .. rid
-  local now = now_ms()
-  local epoch = redis.call('HGET', meta, 'epoch')
-  if not epoch then
-    -- A new history: its epoch is "now", larger than any lost one, so ids
-    -- keep increasing and old ids are recognised as belonging to a lost past.
-    epoch = string.format('%013d', now)
-    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+  if order_id then
+    local prior = redis.call('GET', expected[3])
+    if prior then
+      local at, id = string.match(prior, '^(%d+)|(.+)$')
+      if at and tonumber(at) >= micros then
+        return {id, 1}
+      end
+    end
   end
-  local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  local id = epoch .. '-' .. string.format('%012d', seq)
+
+  local now = now_us()
+  local now_ms = math.floor(now / 1000)
+  local m = redis.call('HMGET', meta, 'epoch', 'seq')
+  local epoch, seq = m[1], tonumber(m[2] or '0')
+  local next_seq = nil
+  if epoch then
+    next_seq = math.max(seq + 1, now - tonumber(epoch) * 1000)
+    if next_seq > MAX_SEQ then epoch = nil end
+  end
+  if not epoch then
+    -- A new history: its epoch is "now", larger than any earlier one, so ids
+    -- keep increasing and ids of an earlier history are recognised as such.
+    epoch = string.format('%013d', now_ms)
+    next_seq = 1
+    redis.call('DEL', hist)
+    redis.call('HSET', meta, 'epoch', epoch, 'floor', 0)
+  end
+  redis.call('HSET', meta, 'seq', string.format('%d', next_seq))
+  if lease ~= nil and lease ~= '' then
+    redis.call('HSET', meta, 'fence', string.format('%d', lease_epoch(lease)))
+  end
+  local id = epoch .. '-' .. string.format('%012d', next_seq)
+  local rest = string.match(body, '^%s*{%s*(.*)$')
   local frame
   if string.sub(rest, 1, 1) == '}' then
     frame = '{"event_id":"' .. id .. '"}'
   else
     frame = '{"event_id":"' .. id .. '",' .. rest
   end
-  redis.call('ZADD', hist, seq, now .. '|' .. frame)
+  redis.call('ZADD', hist, next_seq, string.format('%d', now_ms) .. '|' .. frame)
   local n = redis.call('ZCARD', hist)
-  if n > max_events then
-    redis.call('ZREMRANGEBYRANK', hist, 0, n - max_events - 1)
+  while n > MAX_EVENTS do
+    trim_oldest(meta, hist)
+    n = n - 1
   end
   for _ = 1, 64 do
     local oldest = redis.call('ZRANGE', hist, 0, 0)
     if #oldest == 0 then break end
     local at = tonumber(string.match(oldest[1], '^(%d+)|'))
-    if at ~= nil and at < now - max_age then
-      redis.call('ZREMRANGEBYRANK', hist, 0, 0)
+    if at ~= nil and at < now_ms - MAX_AGE_MS then
+      trim_oldest(meta, hist)
     else
       break
     end
   end
-  redis.call('PEXPIRE', hist, max_age)
-  redis.call('PEXPIRE', meta, max_age)
-  if dedup then
-    redis.call('SET', dedup, id, 'PX', dedup_ttl)
+  redis.call('PEXPIRE', hist, MAX_AGE_MS)
+  redis.call('PEXPIRE', meta, MAX_AGE_MS)
+  if order_id then
+    redis.call('SET', expected[3], micros_s .. '|' .. id, 'PX', DEDUP_TTL_MS)
   end
-  redis.call('PUBLISH', 'orders:' .. rid, frame)
+  redis.call(PUBLISH, 'orders:' .. rid, frame)
   return {id, 0}
 end
 
--- FCALL_RO og_history 0 <restaurant_id> <epoch> <seq>
--- {"ok", "<ms>|<frame>", ...} for every event after epoch-seq, or {"gone"}
--- when they cannot all be given (other epoch, unknown id, trimmed).
+-- FCALL_RO og_history 2 og:{orders:<rid>}:meta og:{orders:<rid>}:hist <rid> <epoch> <seq>
+-- {"ok", "<ms>|<frame>", ...}: every event after epoch-seq, oldest first;
+-- or {"gone"} when they cannot all be given: another epoch, an id that was
+-- never issued or was lost (a Redis that lost writes), or trimmed history.
+-- With an empty <epoch>, <seq> is a Redis time in ms: every event of a
+-- history that began at or after it ({"ok"} when there is none).
 local function og_history(keys, args)
   local rid, epoch, after = args[1], args[2], tonumber(args[3])
-  local m = redis.call('HMGET', 'og:meta:' .. rid, 'epoch', 'seq')
-  if not m[1] or m[1] ~= epoch or after == nil then return {'gone'} end
-  local seq = tonumber(m[2])
-  if after > seq then return {'gone'} end
-  local hist = 'og:hist:' .. rid
-  local oldest = redis.call('ZRANGE', hist, 0, 0, 'WITHSCORES')
-  local oldest_kept = seq + 1
-  if #oldest > 0 then oldest_kept = tonumber(oldest[2]) end
-  if after + 1 < oldest_kept then return {'gone'} end
-  local out = redis.call('ZRANGEBYSCORE', hist, '(' .. after, '+inf')
+  if rid == nil or epoch == nil or after == nil then
+    return redis.error_reply('ERR usage: FCALL_RO og_history 2 <meta> <hist> <restaurant_id> <epoch> <seq>')
+  end
+  local meta, hist = tag(rid) .. ':meta', tag(rid) .. ':hist'
+  local bad = check_keys(keys, {meta, hist})
+  if bad then return bad end
+  local m = redis.call('HMGET', meta, 'epoch', 'seq', 'floor')
+  if epoch == '' then
+    if not m[1] then return {'ok'} end
+    if tonumber(m[1]) < after or tonumber(m[3] or '0') ~= 0 then return {'gone'} end
+    local out = redis.call('ZRANGEBYSCORE', hist, '-inf', '+inf')
+    table.insert(out, 1, 'ok')
+    return out
+  end
+  if not m[1] or m[1] ~= epoch then return {'gone'} end
+  local seq, floor = tonumber(m[2]), tonumber(m[3] or '0')
+  if after > seq or after < floor then return {'gone'} end
+  if after ~= floor and redis.call('ZCOUNT', hist, args[3], args[3]) == 0 then
+    -- Never issued, or issued and then lost: the client holds an id from a
+    -- history this Redis no longer has.
+    return {'gone'}
+  end
+  local out = redis.call('ZRANGEBYSCORE', hist, '(' .. args[3], '+inf')
   table.insert(out, 1, 'ok')
   return out
 end
 
--- FCALL_RO og_last 0 <restaurant_id> -> {epoch, seq} or nil
+-- FCALL_RO og_last 1 og:{orders:<rid>}:meta <rid> -> {epoch, seq} of the
+-- newest event, or {"", <Redis time in ms>} when there is no history: a
+-- history found later began after that time (see og_history).
 local function og_last(keys, args)
-  local m = redis.call('HMGET', 'og:meta:' .. args[1], 'epoch', 'seq')
-  if not m[1] then return false end
+  local rid = args[1]
+  if rid == nil then
+    return redis.error_reply('ERR usage: FCALL_RO og_last 1 <meta> <restaurant_id>')
+  end
+  local bad = check_keys(keys, {tag(rid) .. ':meta'})
+  if bad then return bad end
+  local m = redis.call('HMGET', keys[1], 'epoch', 'seq')
+  if not m[1] then return {'', tostring(math.floor(now_us() / 1000))} end
   return {m[1], m[2]}
 end
 
--- FCALL og_leader_acquire 0 <instance_id> <ttl_ms> <nonce> -> lease token or nil
+local function lease_is_current(token)
+  return redis.call('GET', LEADER) == token
+end
+
+-- FCALL og_leader_acquire 2 og:{og}:leader og:{og}:leader:epoch <instance_id> <ttl_ms> <nonce> -> lease token or nil
 local function og_leader_acquire(keys, args)
-  if redis.call('EXISTS', 'og:leader') == 1 then return false end
-  local epoch = redis.call('INCR', 'og:leader:epoch')
+  local bad = check_keys(keys, {LEADER, LEADER_EPOCH})
+  if bad then return bad end
+  if redis.call('EXISTS', LEADER) == 1 then return false end
+  local epoch = redis.call('INCR', LEADER_EPOCH)
   local token = epoch .. ':' .. args[1] .. ':' .. args[3]
-  redis.call('SET', 'og:leader', token, 'PX', args[2])
+  redis.call('SET', LEADER, token, 'PX', args[2])
   return token
 end
 
--- FCALL og_leader_renew 0 <token> <ttl_ms> -> 1 if still ours
+-- FCALL og_leader_renew 1 og:{og}:leader <token> <ttl_ms> -> 1 if still ours
 local function og_leader_renew(keys, args)
+  local bad = check_keys(keys, {LEADER})
+  if bad then return bad end
   if lease_is_current(args[1]) then
-    redis.call('PEXPIRE', 'og:leader', args[2])
+    redis.call('PEXPIRE', LEADER, args[2])
     return 1
   end
   return 0
 end
 
--- FCALL og_leader_release 0 <token>
+-- FCALL og_leader_release 1 og:{og}:leader <token>
 local function og_leader_release(keys, args)
+  local bad = check_keys(keys, {LEADER})
+  if bad then return bad end
   if lease_is_current(args[1]) then
-    redis.call('DEL', 'og:leader')
+    redis.call('DEL', LEADER)
     return 1
   end
   return 0
 end
 
--- FCALL og_poller_save 0 <token> <cursor_micros> <last_poll_ms> <json {forget:[rid], changes:{rid:{field:value|null}}}>
+-- FCALL og_poller_save 1 og:{og}:leader <token> <cursor_micros> <last_poll_ms> <json {forget:[rid], changes:{rid:{field:value|null}}}>
+-- Every key it writes carries the {og} tag: one slot with the lock.
 local function og_poller_save(keys, args)
+  local bad = check_keys(keys, {LEADER})
+  if bad then return bad end
   if not lease_is_current(args[1]) then
     return redis.error_reply('FENCED stale leader lease')
   end
-  redis.call('SET', 'og:poll:cursor', args[2])
-  redis.call('SET', 'og:poll:last', args[3])
+  redis.call('SET', 'og:{og}:poll:cursor', args[2])
+  redis.call('SET', 'og:{og}:poll:last', args[3])
   local d = cjson.decode(args[4])
   for _, rid in ipairs(d.forget) do
-    redis.call('DEL', 'og:poll:known:' .. rid)
+    redis.call('DEL', 'og:{og}:poll:known:' .. rid)
   end
   for rid, fields in pairs(d.changes) do
-    local key = 'og:poll:known:' .. rid
+    local key = 'og:{og}:poll:known:' .. rid
     for f, v in pairs(fields) do
       if v == cjson.null then
         redis.call('HDEL', key, f)

@@ -138,11 +138,24 @@ pub async fn publish(
         };
         ApiError::new(status, code, format!("could not read the body: {e}"))
     })?;
-    let event: PublishBody = serde_json::from_slice(&body).map_err(|e| {
+    let bad_body = |e: serde_json::Error| {
         ApiError::bad_request(format!(
             "body must be {{\"type\",\"order\"[,\"previous_status\"]}} with a full order: {e}"
         ))
-    })?;
+    };
+    let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(bad_body)?;
+    integral_floats_to_integers(&mut value);
+    if let Some(items) = value.pointer("/order/items").and_then(|v| v.as_array())
+        && items.iter().any(|i| {
+            i.get("name")
+                .is_some_and(|n| !n.is_string() && !n.is_null())
+        })
+    {
+        return Err(ApiError::bad_request(
+            "order.items[].name must be a string or null",
+        ));
+    }
+    let event: PublishBody = serde_json::from_value(value).map_err(bad_body)?;
     if !ORDER_STATUSES.contains(&event.order.order_status.as_str()) {
         return Err(ApiError::bad_request(format!(
             "order.order_status must be one of {ORDER_STATUSES:?}"
@@ -191,5 +204,44 @@ pub async fn publish(
             StatusCode::ACCEPTED,
             json!({ "event_id": published.event_id.to_string() }),
         ))
+    }
+}
+
+/// JSON has one number type: `2.0` is the integer 2 (JSON Schema says so too,
+/// and the OpenAPI document promises integers for quantities and minutes).
+/// serde refuses `2.0` for an `i32` field, so whole floats become integers
+/// before the body is read into an order. Floats that stay floats
+/// (`total_price`) read the same either way.
+fn integral_floats_to_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64())
+                && f.fract() == 0.0
+                && f.abs() < 9.0e15
+            {
+                *value = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_to_integers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_floats_to_integers),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::integral_floats_to_integers;
+    use serde_json::json;
+
+    #[test]
+    fn whole_floats_read_as_integers_and_fractions_stay() {
+        let mut v = json!({"quantity": -776.0, "price": 12.5, "n": [3.0, 1e300], "s": "4.0"});
+        integral_floats_to_integers(&mut v);
+        assert_eq!(
+            v,
+            json!({"quantity": -776, "price": 12.5, "n": [3, 1e300], "s": "4.0"})
+        );
+        assert!(v["quantity"].is_i64());
     }
 }

@@ -23,7 +23,7 @@ use crate::broker::{Backend, BrokerError, Lease, PollerStateDelta, PublishReques
 use crate::config::Config;
 use crate::db::Database;
 use crate::domain::{EventBody, RestaurantId, format_timestamp, is_open_status};
-use diff::{Known, diff};
+use diff::{Known, diff, published_micros};
 use wakeup::{Cause, Wakeup};
 
 /// Never look further back than this, even for an older open transaction
@@ -289,10 +289,7 @@ impl Poller {
                 ));
             }
             for (r, id, status, updated_at) in self.db.baseline(&new, since).await? {
-                let k = Known {
-                    status,
-                    updated_at_micros: updated_at.timestamp_micros(),
-                };
+                let k = Known::new(status, updated_at.timestamp_micros());
                 changes
                     .entry(RestaurantId(r))
                     .or_default()
@@ -323,7 +320,22 @@ impl Poller {
             let known = progress.known.entry(*r).or_default();
             let subset: Vec<_> = indices.iter().map(|i| rows[*i].clone()).collect();
             for change in diff(known, &subset, since) {
-                let order = &subset[change.row];
+                let row = &subset[change.row];
+                let micros =
+                    published_micros(known.get(&row.id), row.updated_at.timestamp_micros());
+                let mut restamped = None;
+                if micros != row.updated_at.timestamp_micros() {
+                    metrics::counter!("orders_gateway_poller_restamped_total").increment(1);
+                    tracing::warn!(
+                        order_id = %row.id,
+                        "order's updated_at went backwards (trigger stamps now()?); published with a later stamp"
+                    );
+                    let mut o = row.clone();
+                    o.updated_at =
+                        DateTime::<Utc>::from_timestamp_micros(micros).unwrap_or(o.updated_at);
+                    restamped = Some(o);
+                }
+                let order = restamped.as_ref().unwrap_or(row);
                 let body = serde_json::to_string(&EventBody {
                     kind: change.kind,
                     previous_status: change.previous_status.as_deref(),
@@ -339,7 +351,7 @@ impl Poller {
                         fence: Some(lease.token.clone()),
                     },
                     order.id,
-                    Known::of(order),
+                    Known::of(row, micros),
                 ));
             }
         }

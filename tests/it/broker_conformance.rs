@@ -7,7 +7,8 @@ use std::time::Duration;
 use orders_gateway::broker::memory::MemoryBroker;
 use orders_gateway::broker::redis::RedisBroker;
 use orders_gateway::broker::{
-    Backend, BrokerError, ConnectionRecord, History, Inbound, PollerStateDelta, PublishRequest,
+    Backend, BrokerError, ConnectionRecord, Cursor, History, Inbound, PollerStateDelta,
+    PublishRequest,
 };
 use orders_gateway::config::HistoryLimits;
 use orders_gateway::domain::{EventId, OrderVersion, RestaurantId};
@@ -43,7 +44,7 @@ async fn redis() -> Subject {
     let redis = Redis::start().await;
     let (tx, rx) = mpsc::channel(1024);
     let stop = CancellationToken::new();
-    let broker = RedisBroker::start(&redis.url(), tx, LIMITS, stop.clone())
+    let broker = RedisBroker::start(&redis.url(), "conformance", tx, LIMITS, stop.clone())
         .await
         .unwrap();
     Subject {
@@ -116,14 +117,17 @@ async fn numbering_delivery_and_isolation(mut s: Subject) {
             .await
             .is_err()
     );
-    assert_eq!(s.backend.last_event_id(a).await.unwrap(), Some(p2.event_id));
     assert_eq!(
+        s.backend.position(a).await.unwrap(),
+        Cursor::After(p2.event_id)
+    );
+    assert!(matches!(
         s.backend
-            .last_event_id(RestaurantId(Uuid::new_v4()))
+            .position(RestaurantId(Uuid::new_v4()))
             .await
             .unwrap(),
-        None
-    );
+        Cursor::Empty { .. }
+    ));
 }
 
 async fn duplicates_answer_the_first_id_and_reach_nobody(mut s: Subject) {
@@ -164,7 +168,12 @@ async fn history_replays_and_knows_its_limits(s: Subject) {
         ids.push(s.backend.publish(req(a, n, None)).await.unwrap().event_id);
     }
     // Five kept (LIMITS): after ids[2] is the oldest id that can resume.
-    match s.backend.history_after(a, ids[2]).await.unwrap() {
+    match s
+        .backend
+        .history_after(a, Cursor::After(ids[2]))
+        .await
+        .unwrap()
+    {
         History::Events(frames) => {
             assert_eq!(frames.len(), 5);
             assert!(frames[0].as_str().contains(&ids[3].to_string()));
@@ -173,11 +182,17 @@ async fn history_replays_and_knows_its_limits(s: Subject) {
         History::Gone => panic!("ids[2] is resumable"),
     }
     assert_eq!(
-        s.backend.history_after(a, ids[1]).await.unwrap(),
+        s.backend
+            .history_after(a, Cursor::After(ids[1]))
+            .await
+            .unwrap(),
         History::Gone
     );
     assert_eq!(
-        s.backend.history_after(a, ids[7]).await.unwrap(),
+        s.backend
+            .history_after(a, Cursor::After(ids[7]))
+            .await
+            .unwrap(),
         History::Events(vec![])
     );
     let future = EventId {
@@ -185,7 +200,10 @@ async fn history_replays_and_knows_its_limits(s: Subject) {
         ..ids[7]
     };
     assert_eq!(
-        s.backend.history_after(a, future).await.unwrap(),
+        s.backend
+            .history_after(a, Cursor::After(future))
+            .await
+            .unwrap(),
         History::Gone
     );
     let other_epoch = EventId {
@@ -193,7 +211,10 @@ async fn history_replays_and_knows_its_limits(s: Subject) {
         ..ids[7]
     };
     assert_eq!(
-        s.backend.history_after(a, other_epoch).await.unwrap(),
+        s.backend
+            .history_after(a, Cursor::After(other_epoch))
+            .await
+            .unwrap(),
         History::Gone
     );
 }
@@ -288,6 +309,65 @@ async fn presence_counts_and_expires(s: Subject) {
     assert!(s.backend.connections(a).await.unwrap().is_empty());
 }
 
+/// A version older than one already published is never published after it
+/// (the poller read V1, the order service published V2, then the poller
+/// publishes V1): answered like a duplicate, with the newest id.
+async fn older_versions_never_follow_newer_ones(mut s: Subject) {
+    let a = RestaurantId(Uuid::new_v4());
+    subscribe_until_ready(&s, a).await;
+    let v1 = OrderVersion {
+        order_id: Uuid::new_v4(),
+        updated_at_micros: 1_700_000_000_000_000,
+    };
+    let v2 = OrderVersion {
+        updated_at_micros: v1.updated_at_micros + 5,
+        ..v1
+    };
+    let newer = s.backend.publish(req(a, 2, Some(v2))).await.unwrap();
+    let older = s.backend.publish(req(a, 1, Some(v1))).await.unwrap();
+    assert!(!newer.duplicate);
+    assert!(older.duplicate, "an older version is not published");
+    assert_eq!(older.event_id, newer.event_id);
+    let (_, f) = received(&mut s).await;
+    assert!(f.contains(r#""n":2"#));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), s.inbound.recv())
+            .await
+            .is_err(),
+        "nothing else was broadcast"
+    );
+}
+
+/// A position taken before a restaurant had any history resumes into the
+/// whole history that began after it, and ids resume exactly.
+async fn an_empty_position_resumes_into_the_first_history(s: Subject) {
+    let a = RestaurantId(Uuid::new_v4());
+    let before = s.backend.position(a).await.unwrap();
+    assert!(matches!(before, Cursor::Empty { .. }));
+    assert_eq!(
+        s.backend.history_after(a, before).await.unwrap(),
+        History::Events(vec![])
+    );
+    let p1 = s.backend.publish(req(a, 1, None)).await.unwrap();
+    let p2 = s.backend.publish(req(a, 2, None)).await.unwrap();
+    assert!(p2.event_id > p1.event_id);
+    match s.backend.history_after(a, before).await.unwrap() {
+        History::Events(frames) => {
+            assert_eq!(frames.len(), 2);
+            assert!(frames[0].as_str().contains(&p1.event_id.to_string()));
+        }
+        History::Gone => panic!("the whole history began after the position"),
+    }
+    // A position from long before this history began cannot vouch for it.
+    assert_eq!(
+        s.backend
+            .history_after(a, Cursor::Empty { at_ms: i64::MAX })
+            .await
+            .unwrap(),
+        History::Gone
+    );
+}
+
 macro_rules! conformance {
     ($($name:ident),*) => {
         mod memory_broker {
@@ -304,5 +384,7 @@ conformance!(
     duplicates_answer_the_first_id_and_reach_nobody,
     history_replays_and_knows_its_limits,
     fencing_refuses_stale_leases,
-    presence_counts_and_expires
+    presence_counts_and_expires,
+    older_versions_never_follow_newer_ones,
+    an_empty_position_resumes_into_the_first_history
 );

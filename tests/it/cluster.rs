@@ -99,11 +99,15 @@ async fn outside_publish_reaches_every_socket_once() {
     let order = order_json(r, Uuid::new_v4(), "pending");
     let body =
         json!({"type": "order_created", "order": order, "timestamp": "2024-01-15T10:30:45Z"});
+    let order_id = order["id"].as_str().unwrap();
     let (id, dup): (String, i64) = redis::cmd("FCALL")
         .arg("og_publish")
-        .arg(0)
+        .arg(3)
+        .arg(format!("og:{{orders:{r}}}:meta"))
+        .arg(format!("og:{{orders:{r}}}:hist"))
+        .arg(format!("og:{{orders:{r}}}:v:{order_id}"))
         .arg(r.to_string())
-        .arg(format!("{}@1", order["id"].as_str().unwrap()))
+        .arg(format!("{order_id}@1"))
         .arg(body.to_string())
         .query_async(&mut conn)
         .await

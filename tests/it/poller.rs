@@ -132,14 +132,14 @@ async fn redis_keys(redis: &Redis, pattern: &str) -> Vec<String> {
 
 /// The instance holding the poller lock (`<epoch>:<instance_id>:<nonce>`).
 async fn leader(redis: &Redis) -> Option<(u64, String)> {
-    let token = redis_get(redis, "og:leader").await?;
+    let token = redis_get(redis, "og:{og}:leader").await?;
     let epoch = token.split(':').next()?.parse().ok()?;
     Some((epoch, Lease::holder_of(&token)?))
 }
 
 /// Until the poller has started watching `r` (it saved the restaurant's state).
 async fn watched(redis: &Redis, r: Uuid) {
-    let key = format!("og:poll:known:{r}");
+    let key = format!("og:{{og}}:poll:known:{r}");
     eventually(Duration::from_secs(10), || async {
         let v = redis.cmd(&["HEXISTS", &key, "_watched"]).await.ok()?;
         (redis::from_redis_value::<i64>(v).ok()? == 1).then_some(())
@@ -289,13 +289,13 @@ async fn an_inactive_restaurant_is_neither_polled_nor_delivered() {
     }
     // Nothing about the idle restaurant was published or remembered.
     assert!(
-        redis_keys(&redis, &format!("og:dedup:{idle}:*"))
+        redis_keys(&redis, &format!("og:{{orders:{idle}}}:v:*"))
             .await
             .is_empty()
     );
     assert!(redis_keys(&redis, &format!("og:*{idle}*")).await.is_empty());
     assert_eq!(
-        redis_keys(&redis, &format!("og:dedup:{watched_r}:*"))
+        redis_keys(&redis, &format!("og:{{orders:{watched_r}}}:v:*"))
             .await
             .len(),
         1
@@ -334,7 +334,7 @@ async fn rows_that_existed_before_the_dashboard_are_not_replayed() {
     watched(&redis, r).await;
     ws.silent_for(QUIET).await;
     assert!(
-        redis_get(&redis, &format!("og:dedup:{r}:{old}@*"))
+        redis_get(&redis, &format!("og:{{orders:{r}}}:v:{old}"))
             .await
             .is_none(),
         "an old row is not published"
@@ -502,9 +502,20 @@ async fn a_later_write_stamped_earlier_by_a_foreign_trigger_is_delivered() {
     .await
     .unwrap();
     let (confirmed, paid) = older_transaction_writes_last(&db, &redis).await;
+    let id: Uuid = paid["order"]["id"].as_str().unwrap().parse().unwrap();
+    let stamped: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT updated_at FROM orders WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool().await)
+            .await
+            .unwrap();
     assert!(
-        updated_at(&paid) < updated_at(&confirmed),
-        "the newer state carries the older stamp"
+        stamped < updated_at(&confirmed),
+        "the newer state carries the older stamp in the table"
+    );
+    assert!(
+        updated_at(&paid) > updated_at(&confirmed),
+        "but is published as a newer version, so no dashboard drops it as stale"
     );
 }
 
@@ -717,7 +728,7 @@ async fn a_stale_lease_is_fenced_at_publish_and_save() {
     };
     let (tx, _rx) = mpsc::channel(16);
     let backend: std::sync::Arc<dyn Backend> = std::sync::Arc::new(
-        RedisBroker::start(&redis.url(), tx, limits, stop.clone())
+        RedisBroker::start(&redis.url(), "poller-test", tx, limits, stop.clone())
             .await
             .unwrap(),
     );
@@ -762,9 +773,13 @@ async fn a_stale_lease_is_fenced_at_publish_and_save() {
         Err(BrokerError::Fenced)
     ));
     let mut conn = redis.client().await;
+    let order_id = version.split('@').next().unwrap();
     let raw: redis::RedisResult<redis::Value> = redis::cmd("FCALL")
         .arg("og_publish")
-        .arg(0)
+        .arg(3)
+        .arg(format!("og:{{orders:{r}}}:meta"))
+        .arg(format!("og:{{orders:{r}}}:hist"))
+        .arg(format!("og:{{orders:{r}}}:v:{order_id}"))
         .arg(r.to_string())
         .arg(&version)
         .arg(&body)
@@ -775,7 +790,7 @@ async fn a_stale_lease_is_fenced_at_publish_and_save() {
     assert_eq!(err.code(), Some("FENCED"), "{err}");
     // The refused calls left nothing behind.
     assert!(redis_keys(&redis, &format!("og:*{r}*")).await.is_empty());
-    assert!(redis_get(&redis, "og:poll:cursor").await.is_none());
+    assert!(redis_get(&redis, "og:{og}:poll:cursor").await.is_none());
 
     // The current lease works.
     assert!(!backend.publish(publish(&new)).await.unwrap().duplicate);
@@ -899,7 +914,7 @@ async fn the_publish_endpoint_is_idempotent_and_deduplicated_against_the_poller(
         assert_eq!(order_id(&ev), id);
     }
     // The poller has seen it (it remembers the order) and sent nothing.
-    let known = format!("og:poll:known:{r}");
+    let known = format!("og:{{og}}:poll:known:{r}");
     eventually(Duration::from_secs(5), || async {
         let v = redis
             .cmd(&["HEXISTS", &known, &id.to_string()])

@@ -598,3 +598,140 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+// ---------------------------------------------------------------- TCP proxy
+
+/// A loopback TCP proxy in front of a server, to break links the way
+/// networks do: [`TcpProxy::stall`] silently stops carrying bytes on the
+/// connections open now (a middlebox that lost its state, a host that
+/// vanished) while new connections work; [`TcpProxy::reset`] closes them;
+/// [`TcpProxy::deafen_subscribers`] silences every connection that sent a
+/// SUBSCRIBE, now and later, while command connections keep working.
+pub struct TcpProxy {
+    pub port: u16,
+    state: std::sync::Arc<tokio::sync::watch::Sender<ProxyState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct ProxyState {
+    /// A connection born before a bump stops moving (stall) or is closed (reset).
+    stall: u64,
+    reset: u64,
+    deaf_subscribers: bool,
+}
+
+/// Carry bytes from `from` to `to` until EOF, `stop` says so, or the
+/// connection is silenced (then wait, holding the sockets, until `stop`).
+async fn carry(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: tokio::sync::watch::Receiver<ProxyState>,
+    born: ProxyState,
+    subscriber: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    inspect: bool,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let silenced = |s: &ProxyState| {
+        s.stall > born.stall || (s.deaf_subscribers && subscriber.load(Ordering::Relaxed))
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if silenced(&rx.borrow()) {
+            let _ = rx.wait_for(|s| s.reset > born.reset).await;
+            return;
+        }
+        let n = tokio::select! {
+            n = from.read(&mut buf) => match n { Ok(0) | Err(_) => return, Ok(n) => n },
+            _ = rx.changed() => continue,
+        };
+        if inspect
+            && buf[..n]
+                .windows(9)
+                .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+        {
+            subscriber.store(true, Ordering::Relaxed);
+        }
+        if silenced(&rx.borrow()) {
+            let _ = rx.wait_for(|s| s.reset > born.reset).await;
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl TcpProxy {
+    pub async fn start(target_port: u16) -> TcpProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, _) = tokio::sync::watch::channel(ProxyState::default());
+        let state = std::sync::Arc::new(tx);
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let born = *st.borrow();
+                let rx = st.subscribe();
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(("127.0.0.1", target_port)).await else {
+                        return;
+                    };
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    let subscriber = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let up = carry(ri, wo, rx.clone(), born, subscriber.clone(), true);
+                    let down = carry(ro, wi, rx.clone(), born, subscriber, false);
+                    // Either direction ending closes both: dropping the halves.
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        TcpProxy { port, state, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Freeze every connection open now; later ones are carried.
+    pub fn stall(&self) {
+        self.state.send_modify(|s| s.stall += 1);
+    }
+
+    /// Close every connection open now.
+    pub fn reset(&self) {
+        self.state.send_modify(|s| s.reset += 1);
+    }
+
+    /// Silence pub/sub connections (on or off); commands keep flowing.
+    pub fn deafen_subscribers(&self, on: bool) {
+        self.state.send_modify(|s| s.deaf_subscribers = on);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `n` open orders of `restaurant` in one statement (no items): big
+/// snapshots without a slow test.
+pub async fn bulk_orders(pool: &sqlx::PgPool, restaurant: Uuid, n: i32) {
+    sqlx::query(
+        "INSERT INTO orders (id, order_number, restaurant_id, table_number, customer_name, \
+         customer_phone, order_status, payment_status, payment_method, total_price, estimated_time) \
+         SELECT gen_random_uuid(), 'ORD-' || g, $1, 7, 'Guest number ' || g, '+100', 'pending', \
+         'pending', 'cash', 25.50, 15 FROM generate_series(1, $2) g",
+    )
+    .bind(restaurant)
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap();
+}

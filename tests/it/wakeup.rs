@@ -291,7 +291,7 @@ async fn the_listener_moves_with_leadership() {
     let pool = db.pool().await;
     listeners_become(&pool, 1).await;
     let holder = eventually(WAKE, || async {
-        let v = redis.cmd(&["GET", "og:leader"]).await.ok()?;
+        let v = redis.cmd(&["GET", "og:{og}:leader"]).await.ok()?;
         let token: Option<String> = redis::from_redis_value(v).ok()?;
         orders_gateway::broker::Lease::holder_of(&token?)
     })

@@ -7,8 +7,10 @@
 //   sound=0                start with sound off
 //
 // DOM hooks (used by tests): columns [data-column=<status>], cards
-// [data-order-id][data-status], counts [data-count=<status>],
-// #connection-state (live / reconnecting / offline / connecting).
+// [data-order-id][data-status] (.late when past estimated_time), counts
+// [data-count=<status>], phone tabs [data-tab=<status>], #connection-state
+// (live / reconnecting / offline / connecting) and #connection-detail (why).
+// window.ordersBoard.alerts counts new-order alerts (one per new order).
 import { OrdersLive } from './client/orders-live.js';
 
 const COLUMNS = ['pending', 'confirmed', 'preparing', 'ready', 'served'];
@@ -33,6 +35,8 @@ const banner = $('#banner');
 const template = $('#card-template');
 const columns = Object.fromEntries(COLUMNS.map((s) => [s, document.querySelector(`[data-column="${s}"] .cards`)]));
 const counts = Object.fromEntries(COLUMNS.map((s) => [s, document.querySelector(`[data-count="${s}"]`)]));
+const tabCounts = Object.fromEntries(COLUMNS.map((s) => [s, document.querySelector(`[data-tab-count="${s}"]`)]));
+const boardEl = $('#board');
 
 /** id -> card element currently on the board. */
 const cards = new Map();
@@ -44,31 +48,60 @@ const money = currency
 
 // ---- connection indicator ----------------------------------------------
 
+/** Why a connection ended, in the kitchen's words (close codes: docs/PROTOCOL.md). */
+function whyClosed(detail) {
+  if (typeof navigator !== 'undefined' && navigator.onLine === false) return 'this device has no network';
+  switch (detail.code) {
+    case 1001: return 'server restarting';
+    case 1013: return 'server lost its message bus';
+    case 4408: return 'this screen fell behind';
+    case 4429: return 'too many connections';
+    case 4401: return 'sign-in expired, renewing';
+    case 1006: case null: case undefined:
+      return detail.reason ? detail.reason : 'connection lost';
+    default: return detail.reason || `closed (${detail.code})`;
+  }
+}
+
+let liveSince = null;
+let lostAt = null;
+
 function showState(state, detail = {}) {
   const text = STATE_TEXT[state] ?? state;
   stateEl.textContent = text;
   stateEl.dataset.state = text;
   for (const cls of [...document.body.classList]) if (cls.startsWith('state-')) document.body.classList.remove(cls);
   document.body.classList.add(`state-${text}`);
+  if (state === 'live') {
+    liveSince = Date.now();
+    lostAt = null;
+  } else if (liveSince !== null && lostAt === null) {
+    lostAt = Date.now();
+  }
   let info = '';
-  if (state === 'reconnecting' && detail.delayMs != null) {
-    info = detail.delayMs >= 1000 ? `retry in ${Math.round(detail.delayMs / 1000)} s` : 'retrying';
-  } else if (state === 'offline' && detail.reason) {
-    info = detail.reason;
+  if (state === 'reconnecting') {
+    const retry = detail.delayMs == null ? '' : detail.delayMs >= 1000 ? ` · retry in ${Math.round(detail.delayMs / 1000)} s` : ' · retrying';
+    info = `${whyClosed(detail)}${retry}`;
+  } else if (state === 'offline') {
+    info = detail.reason || whyClosed(detail);
   }
   detailEl.textContent = info;
   if (state === 'offline') {
     const why = detail.code === 4401
-      ? 'The token was rejected or has expired. Open the board again with a fresh ?token=.'
+      ? 'OFFLINE: the token was rejected or has expired. Open the board again with a fresh ?token=.'
       : detail.code === 4403
-        ? 'This token is not allowed to see this restaurant.'
-        : `Disconnected${detail.reason ? `: ${detail.reason}` : ''}.`;
+        ? 'OFFLINE: this token is not allowed to see this restaurant.'
+        : `OFFLINE: ${detail.reason || whyClosed(detail)}. Reload the page to try again.`;
     showBanner(why);
   } else if (state === 'reconnecting') {
-    showBanner('Connection lost — reconnecting. Orders shown may be out of date.');
+    showBanner(`Not live (${whyClosed(detail)}) — reconnecting. Orders shown may be out of date${lostAt ? ` since ${clockTime(lostAt)}` : ''}.`);
   } else {
     showBanner(null);
   }
+}
+
+function clockTime(ms) {
+  return new Date(ms).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
 }
 
 function showBanner(text) {
@@ -82,10 +115,27 @@ function shortId(id) {
   return String(id ?? '').slice(0, 8);
 }
 
+/**
+ * Splits an order number so the part that tells orders apart (after the last
+ * '-', '/', '_' or space, e.g. "0042" of "ORD-261129-0042") can be shown big.
+ * The whole number is always shown.
+ */
+export function splitOrderNumber(number) {
+  const s = String(number);
+  const m = /^(.*[-/_ ])([^-/_ ]+)$/.exec(s);
+  return m ? [m[1], m[2]] : ['', s];
+}
+
+/** Shown for an item the gateway could not name (no menu_items table). */
+export const UNNAMED_ITEM = 'Item';
+
 function fillCard(card, order) {
   card.dataset.status = order.order_status;
   card.dataset.version = order.updated_at ?? '';
-  card.querySelector('.order-number').textContent = `#${order.order_number ?? shortId(order.id)}`;
+  const [prefix, tail] = splitOrderNumber(order.order_number ?? shortId(order.id));
+  card.querySelector('.order-prefix').textContent = `#${prefix}`;
+  card.querySelector('.order-tail').textContent = tail;
+  card.querySelector('.order-number').title = `#${prefix}${tail}`;
   card.querySelector('.table').textContent = order.table_number != null ? `Table ${order.table_number}` : 'Takeaway';
   card.querySelector('.customer').textContent = order.customer_name || '';
   const list = card.querySelector('.items');
@@ -93,10 +143,13 @@ function fillCard(card, order) {
     const li = document.createElement('li');
     const qty = document.createElement('span');
     qty.className = 'qty';
-    qty.textContent = `${item.quantity} ×`;
+    qty.textContent = `${item.quantity ?? 1} ×`;
     const name = document.createElement('span');
-    name.className = 'item';
-    name.textContent = shortId(item.menu_item_id);
+    const named = typeof item.name === 'string' && item.name.trim() !== '';
+    name.className = named ? 'item' : 'item unnamed';
+    // Without a name there is nothing meaningful to show: a neutral word,
+    // with the menu item id on hover for whoever needs to look it up.
+    name.textContent = named ? item.name.trim() : UNNAMED_ITEM;
     name.title = String(item.menu_item_id ?? '');
     li.append(qty, ' ', name);
     return li;
@@ -133,13 +186,16 @@ function tickCard(elapsed, now) {
   const ms = now - created;
   elapsed.textContent = formatElapsed(ms);
   const est = Number(elapsed.dataset.estimatedMinutes);
-  elapsed.closest('.card')?.classList.toggle('late', est > 0 && ms > est * 60000);
+  const card = elapsed.closest('.card');
+  const late = est > 0 && ms > est * 60000;
+  card?.classList.toggle('late', late);
+  card?.setAttribute('aria-label', `waited ${formatElapsed(ms)}${late ? `, late (estimate ${est} min)` : ''}`);
 }
 
 function tick() {
   const now = Date.now();
   for (const el of document.querySelectorAll('.card .elapsed')) tickCard(el, now);
-  $('#clock').textContent = new Date(now).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  $('#clock').textContent = clockTime(now);
 }
 
 let renderQueued = false;
@@ -192,6 +248,7 @@ function render(orders) {
       if (container.children[i] !== card) container.insertBefore(card, container.children[i] ?? null);
     });
     counts[status].textContent = String(list.length);
+    tabCounts[status].textContent = String(list.length);
   }
   $('#open-count').textContent = String(orders.size);
 
@@ -221,12 +278,62 @@ function runFlashes() {
     void card.offsetWidth; // restart the animation
     card.classList.add('flash');
     card.scrollIntoView({ block: 'nearest', behavior: 'smooth' });
+    const status = card.dataset.status;
+    if (status !== boardEl.dataset.active) document.querySelector(`[data-tab="${status}"]`)?.classList.add('has-new');
   }
   pendingFlash.clear();
   document.body.classList.remove('alert');
   void document.body.offsetWidth;
   document.body.classList.add('alert');
   setTimeout(() => document.body.classList.remove('alert'), 3000);
+}
+
+// ---- phone tabs ------------------------------------------------------------
+
+function showColumn(status) {
+  boardEl.dataset.active = status;
+  for (const tab of document.querySelectorAll('[data-tab]')) {
+    const on = tab.dataset.tab === status;
+    tab.setAttribute('aria-pressed', String(on));
+    if (on) tab.classList.remove('has-new');
+  }
+}
+for (const tab of document.querySelectorAll('[data-tab]')) {
+  tab.addEventListener('click', () => showColumn(tab.dataset.tab));
+}
+
+// ---- new-order alerts --------------------------------------------------------
+//
+// One alert (flash + sound) per new order, ever: an order id is remembered
+// once seen, so a replayed or re-published event of the same order (a resume
+// overlap, a version delivered again after the server lost its dedup state, a
+// snapshot after a resync) never rings twice. The orders of the first
+// snapshot are already there when the board opens: they do not ring.
+
+const SEEN_LIMIT = 5000;
+const seen = new Set();
+let primed = false;
+let alerts = 0;
+
+function remember(id) {
+  seen.add(id);
+  if (seen.size > SEEN_LIMIT) seen.delete(seen.values().next().value);
+}
+
+function onOrders(orders, info) {
+  const fresh = [];
+  for (const id of orders.keys()) {
+    if (seen.has(id)) continue;
+    remember(id);
+    if (primed || info.reason !== 'snapshot') fresh.push(id);
+  }
+  primed = true;
+  scheduleRender(orders);
+  if (fresh.length) {
+    for (const id of fresh) flash(id);
+    alerts += fresh.length;
+    beep(fresh.length);
+  }
 }
 
 // ---- sound -----------------------------------------------------------------
@@ -272,9 +379,14 @@ soundButton.addEventListener('click', (e) => {
 });
 document.addEventListener('pointerdown', unlockAudio);
 
-function beep() {
+/** One two-tone chime per new order, spaced; a burst rings at most 3 times. */
+function beep(times = 1) {
   if (!soundWanted || !audio || audio.state !== 'running') return;
-  const t = audio.currentTime;
+  const now = audio.currentTime;
+  for (let i = 0; i < Math.min(times, 3); i++) chime(now + i * 0.45);
+}
+
+function chime(t) {
   for (const [offset, freq] of [[0, 880], [0.18, 1175]]) {
     const osc = audio.createOscillator();
     const gain = audio.createGain();
@@ -308,18 +420,12 @@ if (!token) {
     url: wsUrl.toString(),
     getToken: () => token,
     restaurantId,
-    onOrders: (orders) => scheduleRender(orders),
-    onEvent: (evt) => {
-      // Only a new order that is on the board calls the kitchen's attention
-      // (an order created and closed before this board saw it is not).
-      if (evt.type === 'order_created' && client.orders.has(evt.order.id)) {
-        flash(evt.order.id);
-        beep();
-      }
-    },
+    // Only a new order that is on the board calls the kitchen's attention
+    // (an order created and closed before this board saw it is not).
+    onOrders,
     onStatus: showState,
   });
   // For operators poking at the console, and for tests.
-  window.ordersBoard = { client };
+  window.ordersBoard = { client, get alerts() { return alerts; } };
   client.start();
 }

@@ -195,6 +195,45 @@ describe('OrdersLive against a fake server', () => {
     assert.equal(conn.query.last_event_id, '0000000003');
   });
 
+  test('a version equal to or older than one already seen is already seen, across snapshots (issue 9 hole 7)', async () => {
+    const { server, client, events } = await setup();
+    client.start();
+    let conn = await server.nextConnection();
+    conn.establish();
+    const a = makeOrder();
+    const a2 = nextVersion(a, { order_status: 'preparing' });
+    const b = makeOrder();
+    const b2 = nextVersion(b, { order_status: 'confirmed' });
+    conn.send(ev('order_created', a, '0000000001'));
+    conn.send(ev('order_status_changed', a2, '0000000002', { previous_status: 'pending' }));
+    conn.send(ev('order_created', b, '0000000003'));
+    conn.send(ev('order_status_changed', b2, '0000000004', { previous_status: 'pending' }));
+    await waitFor(() => events.length === 4, { message: 'four events applied' });
+    // The same version again under a new id (the server lost its dedup state).
+    conn.send(ev('order_status_changed', a2, '0000000005', { previous_status: 'pending' }));
+    await sleep(50);
+    assert.equal(events.length, 4, 'an equal version is not applied twice');
+
+    // Resync: the snapshot lags b (still v1) and no longer has a (closed since).
+    conn.terminate();
+    conn = await server.nextConnection();
+    conn.establish({ resumed: false });
+    conn.send({ type: 'resync_required', reason: 'history lost' });
+    conn.send({ type: 'snapshot', orders: [b], last_event_id: '0000000001' });
+    await waitFor(() => !client.orders.has(a.id), { message: 'snapshot applied' });
+    assert.equal(client.orders.get(b.id).updated_at, b2.updated_at, 'the snapshot does not roll b back to an older version');
+    // A lagging poller delivers versions the client has already had, with new ids.
+    conn.send(ev('order_status_changed', a2, '0000000002', { previous_status: 'pending' }));
+    conn.send(ev('order_status_changed', b2, '0000000003', { previous_status: 'pending' }));
+    conn.send(ev('order_created', b, '0000000004'));
+    const c = makeOrder();
+    conn.send(ev('order_created', c, '0000000005'));
+    await waitFor(() => client.orders.has(c.id), { message: 'new order after the replays' });
+    assert.deepEqual(ids(client), [b.id, c.id].sort(), 'a closed order does not come back with a version already seen');
+    assert.deepEqual(events.slice(4).map((e) => e.order.id), [c.id], 'only the new order is applied');
+    assert.equal(client.lastEventId, '0000000005');
+  });
+
   test('a connection that is not resumed does not filter the new history with the old cursor', async () => {
     const { server, client } = await setup();
     client.start();

@@ -1,0 +1,233 @@
+//! Hostile and broken clients against the real server: connections that
+//! never finish their handshake, sockets that never read.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use uuid::Uuid;
+
+use crate::support::{
+    Gateway, TestDb, bulk_orders, config, dashboard, eventually, get_json, metrics, token,
+    token_with,
+};
+
+/// True when the server closed the connection (EOF or reset) within `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // An error answer (e.g. 408) may come first; the close follows.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn half_request(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /api/ws/orders/live?tok").await.unwrap();
+    s
+}
+
+async fn healthz_ok(base: &str) -> bool {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    client
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+#[tokio::test]
+async fn half_request_lines_are_closed_and_do_not_block_others() {
+    let mut cfg = config();
+    cfg.header_read_timeout_ms = 1000;
+    cfg.handshake_timeout_ms = 2000;
+    let gw = Gateway::start(cfg).await;
+    let base = format!("http://{}", gw.addr);
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        slow.push(half_request(gw.addr).await);
+    }
+    // Silent ones too: connected, nothing sent.
+    for _ in 0..50 {
+        slow.push(TcpStream::connect(gw.addr).await.unwrap());
+    }
+    // Meanwhile a normal request and a normal socket get through.
+    assert!(healthz_ok(&base).await);
+    let r = Uuid::new_v4();
+    let (_ws, hello) = dashboard(&gw.ws_url(&format!("token={}", token(r)))).await;
+    assert_eq!(hello["type"], "connection_established");
+    // Every half-open connection is closed by the header-read timeout.
+    for s in &mut slow {
+        assert!(
+            closed_within(s, Duration::from_secs(10)).await,
+            "a connection that never finished its request line is still open"
+        );
+    }
+    let m = metrics(&base).await;
+    assert!(
+        m.contains(r#"orders_gateway_http_connections_refused_total{reason="header_timeout"}"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_the_handshake_limit_are_refused_then_served_again() {
+    let mut cfg = config();
+    cfg.header_read_timeout_ms = 1000;
+    cfg.handshake_timeout_ms = 1000;
+    cfg.max_handshakes = 20;
+    let gw = Gateway::start(cfg).await;
+    let base = format!("http://{}", gw.addr);
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(half_request(gw.addr).await);
+    }
+    // Give the accept loop time to take all of them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = half_request(gw.addr).await;
+    assert!(
+        closed_within(&mut extra, Duration::from_millis(500)).await,
+        "the connection over the limit must be closed at once"
+    );
+    for s in &mut held {
+        assert!(closed_within(s, Duration::from_secs(10)).await);
+    }
+    assert!(
+        healthz_ok(&base).await,
+        "served again once the slots free up"
+    );
+    let m = metrics(&base).await;
+    assert!(
+        m.contains(r#"orders_gateway_http_connections_refused_total{reason="handshake_limit"}"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_body_trickled_forever_is_cut_at_the_handshake_deadline() {
+    let mut cfg = config();
+    cfg.header_read_timeout_ms = 1000;
+    cfg.handshake_timeout_ms = 2000;
+    let gw = Gateway::start(cfg).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        b"POST /api/orders/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let trickle = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if s.write_all(b" ").await.is_err() {
+                return;
+            }
+        }
+    };
+    // The head was complete, so only the accept-to-upgrade deadline can end it.
+    let _ = tokio::time::timeout(Duration::from_secs(10), trickle).await;
+    let mut s = s;
+    assert!(
+        closed_within(&mut s, Duration::from_millis(100)).await,
+        "a connection trickling its body is still open after 10 s"
+    );
+}
+
+/// A WebSocket client that completes the handshake and then never reads,
+/// with a small receive window so the server's sends block early.
+async fn never_reading(
+    url: &str,
+    addr: std::net::SocketAddr,
+) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("upgrade succeeds");
+    ws
+}
+
+async fn local_connections(gw: &Gateway, r: Uuid) -> i64 {
+    let (status, v) = get_json(&gw.http("/api/ws/orders/live/status"), &token(r)).await;
+    assert_eq!(status, 200, "{v}");
+    v["local_connections"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn a_big_snapshot_to_a_client_that_never_reads_obeys_token_expiry() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let r = Uuid::new_v4();
+    // ~15 MB of snapshot: far more than the socket buffers hold.
+    bulk_orders(&pool, r, 40_000).await;
+    let mut cfg = config();
+    cfg.database_url = Some(db.url.clone());
+    let gw = Gateway::start(cfg).await;
+    let short = token_with(json!({
+        "sub": Uuid::new_v4(), "restaurant_id": r, "exp": Utc::now().timestamp() + 3,
+    }));
+    let _ws = never_reading(&gw.ws_url(&format!("token={short}")), gw.addr).await;
+    eventually(Duration::from_secs(10), || async {
+        (local_connections(&gw, r).await == 1).then_some(())
+    })
+    .await;
+    // Its send is blocked; the token's expiry must still end the socket.
+    eventually(Duration::from_secs(12), || async {
+        (local_connections(&gw, r).await == 0).then_some(())
+    })
+    .await;
+    let m = metrics(&format!("http://{}", gw.addr)).await;
+    assert!(
+        m.contains(r#"orders_gateway_connections_closed_total{code="4401"}"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_closed_with_4408() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let r = Uuid::new_v4();
+    // ~7 MB: more than the kernel's socket buffers (4 MB) hold.
+    bulk_orders(&pool, r, 20_000).await;
+    let mut cfg = config();
+    cfg.database_url = Some(db.url.clone());
+    let gw = Gateway::start(cfg).await;
+    let _ws = never_reading(&gw.ws_url(&format!("token={}", token(r))), gw.addr).await;
+    // No progress for the send deadline: cut off as too slow, not counted.
+    eventually(Duration::from_secs(60), || async {
+        let m = metrics(&format!("http://{}", gw.addr)).await;
+        m.contains(r#"orders_gateway_connections_closed_total{code="4408"}"#)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(local_connections(&gw, r).await, 0);
+}
+
+#[tokio::test]
+async fn a_big_snapshot_arrives_whole_as_one_message() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let r = Uuid::new_v4();
+    bulk_orders(&pool, r, 3_000).await;
+    let mut cfg = config();
+    cfg.database_url = Some(db.url.clone());
+    let gw = Gateway::start(cfg).await;
+    let (mut ws, _) = dashboard(&gw.ws_url(&format!("token={}", token(r)))).await;
+    let snap = ws.json().await;
+    assert_eq!(snap["type"], "snapshot");
+    assert_eq!(snap["orders"].as_array().unwrap().len(), 3_000);
+    ws.send_text(r#"{"type":"ping"}"#).await;
+    assert_eq!(ws.json().await["type"], "pong");
+}
