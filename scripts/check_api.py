@@ -195,6 +195,8 @@ headers = {{ Authorization = "{publish}" }}
 include-path = "/api/ws/orders/live"
 [operations.checks.positive_data_acceptance]
 expected-statuses = ["400", "426"]
+[operations.checks.negative_data_rejection]
+expected-statuses = ["400", "426"]
 '''
 
 

@@ -53,6 +53,14 @@ pub fn prometheus() -> PrometheusHandle {
                     ],
                 )
                 .expect("buckets are valid")
+                .set_buckets_for_metric(
+                    Matcher::Full("orders_gateway_delivery_latency_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0,
+                    ],
+                )
+                .expect("buckets are valid")
                 .install_recorder()
                 .expect("no other metrics recorder is installed")
         })

@@ -17,7 +17,7 @@ use crate::broker::PublishRequest;
 use crate::config::Config;
 use crate::domain::{
     EventBody, EventKind, ORDER_STATUSES, Order, OrderItem, RestaurantId, SnapshotSource,
-    format_timestamp, is_open_status,
+    format_timestamp,
 };
 use crate::node::Node;
 
@@ -111,20 +111,21 @@ impl Demo {
         let (kind, previous, order) = if open.len() < 4 || n.is_multiple_of(2) && open.len() < 12 {
             let items: Vec<OrderItem> = (0..1 + n as usize % 3)
                 .map(|i| {
-                    let (_, price) = MENU[(n as usize + i) % MENU.len()];
+                    let (name, price) = MENU[(n as usize + i) % MENU.len()];
                     OrderItem {
                         id: Uuid::new_v4(),
                         menu_item_id: Some(Uuid::from_u128(
                             0xa000 + ((n as usize + i) % MENU.len()) as u128,
                         )),
-                        quantity: 1 + (i as i32 % 2),
+                        quantity: Some(1 + (i as i32 % 2)),
                         unit_price: Some(price),
+                        name: Some(name.into()),
                     }
                 })
                 .collect();
             let total: f64 = items
                 .iter()
-                .map(|i| i.unit_price.unwrap_or(0.0) * i.quantity as f64)
+                .map(|i| i.unit_price.unwrap_or(0.0) * i.quantity.unwrap_or(1) as f64)
                 .sum();
             let order = Order {
                 id: Uuid::new_v4(),
@@ -135,12 +136,12 @@ impl Demo {
                     ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima"][n as usize % 6].into(),
                 ),
                 customer_phone: None,
-                order_status: "pending".into(),
+                order_status: Some("pending".into()),
                 payment_status: Some("pending".into()),
                 payment_method: Some(if n.is_multiple_of(3) { "card" } else { "cash" }.into()),
                 total_price: Some((total * 100.0).round() / 100.0),
                 estimated_time: Some(10 + (n % 4) as i32 * 5),
-                created_at: now,
+                created_at: Some(now),
                 updated_at: now,
                 items,
             };
@@ -153,19 +154,20 @@ impl Demo {
                 .expect("open is not empty");
             let at = FLOW
                 .iter()
-                .position(|s| *s == order.order_status)
+                .position(|s| Some(*s) == order.order_status.as_deref())
                 .unwrap_or(0);
             let previous = order.order_status.clone();
-            order.order_status = FLOW[(at + 1).min(FLOW.len() - 1)].into();
-            if order.order_status == "served" {
+            let next = FLOW[(at + 1).min(FLOW.len() - 1)];
+            order.order_status = Some(next.into());
+            if next == "served" {
                 order.payment_status = Some("paid".into());
             }
             order.updated_at = now;
-            (EventKind::OrderStatusChanged, Some(previous), order)
+            (EventKind::OrderStatusChanged, previous, order)
         };
         {
             let mut orders = self.orders.lock().unwrap_or_else(|p| p.into_inner());
-            if is_open_status(&order.order_status) {
+            if order.is_open() {
                 orders.insert(order.id, order.clone());
             } else {
                 orders.remove(&order.id);

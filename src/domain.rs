@@ -91,13 +91,16 @@ impl Serialize for EventId {
     }
 }
 
-/// The three kinds of order event (the `type` of the frame).
+/// The kinds of order event (the `type` of the frame).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     OrderCreated,
     OrderStatusChanged,
     OrderUpdated,
+    /// The order is gone from the table; its `order` is only
+    /// `{"id","restaurant_id"}` ([`DeletedOrder`]).
+    OrderDeleted,
 }
 
 impl EventKind {
@@ -106,6 +109,7 @@ impl EventKind {
             EventKind::OrderCreated => "order_created",
             EventKind::OrderStatusChanged => "order_status_changed",
             EventKind::OrderUpdated => "order_updated",
+            EventKind::OrderDeleted => "order_deleted",
         }
     }
 }
@@ -127,6 +131,11 @@ pub fn is_open_status(status: &str) -> bool {
 }
 
 /// An order as dashboards see it (the contract's `<order>`).
+///
+/// Every column the contract does not name as a key may be NULL in a schema
+/// the gateway did not create, so every field but the three the gateway
+/// cannot work without (`id`, `restaurant_id`, `updated_at`: identity, routing
+/// and version) is optional and goes out as JSON `null`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Order {
     pub id: Uuid,
@@ -135,13 +144,13 @@ pub struct Order {
     pub table_number: Option<i32>,
     pub customer_name: Option<String>,
     pub customer_phone: Option<String>,
-    pub order_status: String,
+    pub order_status: Option<String>,
     pub payment_status: Option<String>,
     pub payment_method: Option<String>,
     pub total_price: Option<f64>,
     pub estimated_time: Option<i32>,
-    #[serde(serialize_with = "rfc3339")]
-    pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub created_at: Option<DateTime<Utc>>,
     #[serde(serialize_with = "rfc3339")]
     pub updated_at: DateTime<Utc>,
     #[serde(default)]
@@ -152,18 +161,42 @@ pub struct Order {
 pub struct OrderItem {
     pub id: Uuid,
     pub menu_item_id: Option<Uuid>,
-    pub quantity: i32,
+    pub quantity: Option<i32>,
     pub unit_price: Option<f64>,
+    /// From `menu_items.name` when that table exists; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Order {
     pub fn version(&self) -> OrderVersion {
         OrderVersion::new(self.id, self.updated_at)
     }
+
+    /// On the board: a status that is not terminal. A NULL status counts as
+    /// closed, as it does in SQL (`NULL NOT IN (...)` is not true), so that
+    /// snapshots and the poller agree.
+    pub fn is_open(&self) -> bool {
+        self.order_status.as_deref().is_some_and(is_open_status)
+    }
+}
+
+/// The `order` of an `order_deleted` event.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct DeletedOrder {
+    pub id: Uuid,
+    pub restaurant_id: Uuid,
 }
 
 fn rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_timestamp(*t))
+}
+
+fn rfc3339_opt<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// `2024-01-15T10:30:45Z`, with fractional digits only when present.
@@ -185,6 +218,16 @@ impl OrderVersion {
         OrderVersion {
             order_id,
             updated_at_micros: updated_at.timestamp_micros(),
+        }
+    }
+
+    /// The version of an order's deletion: after every version it had (its
+    /// `updated_at` is unknown once the row is gone), and the same whoever
+    /// notices the deletion, so two reports of it deduplicate.
+    pub fn deleted(order_id: Uuid) -> Self {
+        OrderVersion {
+            order_id,
+            updated_at_micros: i64::MAX,
         }
     }
 
@@ -229,6 +272,9 @@ pub struct Frame {
     /// Events may have been missed and history cannot supply them: the
     /// session follows this frame with a fresh snapshot.
     pub resync: bool,
+    /// The event's `timestamp` (when it was published), for the
+    /// publish-to-delivery latency metric.
+    pub published_at: Option<DateTime<Utc>>,
 }
 
 /// The parts of an incoming event the gateway needs to route and deduplicate.
@@ -238,6 +284,8 @@ struct EventHeader {
     kind: String,
     event_id: Option<String>,
     order: Option<OrderHeader>,
+    /// Kept as text: a publisher's odd timestamp must not refuse the event.
+    timestamp: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -280,11 +328,18 @@ impl Frame {
                 version = Some(OrderVersion::new(id, at));
             }
         }
+        let published_at = header
+            .timestamp
+            .as_ref()
+            .and_then(|t| t.as_str())
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
         Ok(Frame {
             text: payload,
             event_id,
             version,
             resync: false,
+            published_at,
         })
     }
 
@@ -295,6 +350,7 @@ impl Frame {
             event_id: None,
             version: None,
             resync: false,
+            published_at: None,
         }
     }
 

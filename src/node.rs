@@ -289,6 +289,16 @@ impl Node {
                 _ => *p = Cursor::After(id),
             }
         }
+        if let Some(at) = frame.published_at {
+            let age = (chrono::Utc::now() - at)
+                .num_microseconds()
+                .unwrap_or(i64::MAX);
+            // Replays after an outage are old by design; count live ones.
+            if (0..60_000_000).contains(&age) {
+                metrics::histogram!("orders_gateway_delivery_latency_seconds")
+                    .record(age as f64 / 1e6);
+            }
+        }
         let out = self.inner.hub.broadcast(r, &frame);
         metrics::counter!("orders_gateway_messages_delivered_total")
             .increment(out.delivered as u64);

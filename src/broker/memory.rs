@@ -362,6 +362,11 @@ impl Cluster for MemoryBroker {
         Ok(st.leader_token().and_then(Lease::holder_of))
     }
 
+    async fn poller_restaurants(&self) -> Result<Vec<RestaurantId>, BrokerError> {
+        let st = self.state.lock().await;
+        Ok(st.poller.restaurants.keys().copied().collect())
+    }
+
     async fn load_poller_state(
         &self,
         restaurants: &[RestaurantId],
@@ -388,9 +393,6 @@ impl Cluster for MemoryBroker {
         }
         st.poller.cursor_micros = Some(delta.cursor_micros);
         st.poller.last_poll_ms = Some(delta.last_poll_ms);
-        for r in &delta.forget {
-            st.poller.restaurants.remove(r);
-        }
         for (r, fields) in &delta.changes {
             let map = st.poller.restaurants.entry(*r).or_default();
             for (k, v) in fields {
@@ -398,6 +400,9 @@ impl Cluster for MemoryBroker {
                     Some(v) => map.insert(k.clone(), v.clone()),
                     None => map.remove(k),
                 };
+            }
+            if map.is_empty() {
+                st.poller.restaurants.remove(r);
             }
         }
         Ok(())

@@ -133,14 +133,13 @@ pub struct PollerState {
 /// Field edits of one restaurant's poller state: set (`Some`) or delete (`None`).
 pub type FieldEdits = Vec<(String, Option<String>)>;
 
-/// Changes to [`PollerState`] written by the leader after a tick.
+/// Changes to [`PollerState`] written by the leader after a tick. A
+/// restaurant whose fields are all deleted leaves the saved state.
 #[derive(Debug, Clone, Default)]
 pub struct PollerStateDelta {
     pub cursor_micros: i64,
     pub last_poll_ms: i64,
     pub changes: Vec<(RestaurantId, FieldEdits)>,
-    /// Restaurants whose whole state is dropped (no longer active).
-    pub forget: Vec<RestaurantId>,
 }
 
 /// Pub/sub, numbering and history.
@@ -200,6 +199,8 @@ pub trait Cluster: Send + Sync + 'static {
     async fn release_leader(&self, lease: &Lease) -> Result<(), BrokerError>;
     /// Current holder's instance id.
     async fn leader(&self) -> Result<Option<String>, BrokerError>;
+    /// Restaurants with saved poller state (what a new leader loads).
+    async fn poller_restaurants(&self) -> Result<Vec<RestaurantId>, BrokerError>;
     async fn load_poller_state(
         &self,
         restaurants: &[RestaurantId],

@@ -13,7 +13,8 @@
 --   og:{orders:<rid>}:v:<order_id>    "<updated_at µs>|<event id>" newest version published
 -- Global, all in the slot of the tag {og}:
 --   og:{og}:leader, og:{og}:leader:epoch          poller lock and its fencing epoch
---   og:{og}:poll:cursor, og:{og}:poll:last, og:{og}:poll:known:<rid>  poller progress
+--   og:{og}:poll:cursor, og:{og}:poll:last, og:{og}:poll:known:<rid>,
+--   og:{og}:poll:restaurants                      poller progress
 --
 -- Event ids are "<epoch: 13 digits>-<seq: 12 digits>". The epoch is the
 -- Redis time (ms) at which the restaurant's history began. The seq is the
@@ -275,8 +276,12 @@ local function og_leader_release(keys, args)
   return 0
 end
 
--- FCALL og_poller_save 1 og:{og}:leader <token> <cursor_micros> <last_poll_ms> <json {forget:[rid], changes:{rid:{field:value|null}}}>
+-- FCALL og_poller_save 1 og:{og}:leader <token> <cursor_micros> <last_poll_ms> <json {changes:{rid:{field:value|null}}}>
 -- Every key it writes carries the {og} tag: one slot with the lock.
+-- og:{og}:poll:restaurants lists the restaurants with known state, so a new
+-- leader loads all of them. Known state never expires: the poller removes
+-- closed and deleted orders itself, and an open order must still be known
+-- after a quiet day (else its next status change arrives as order_updated).
 local function og_poller_save(keys, args)
   local bad = check_keys(keys, {LEADER})
   if bad then return bad end
@@ -286,9 +291,6 @@ local function og_poller_save(keys, args)
   redis.call('SET', 'og:{og}:poll:cursor', args[2])
   redis.call('SET', 'og:{og}:poll:last', args[3])
   local d = cjson.decode(args[4])
-  for _, rid in ipairs(d.forget) do
-    redis.call('DEL', 'og:{og}:poll:known:' .. rid)
-  end
   for rid, fields in pairs(d.changes) do
     local key = 'og:{og}:poll:known:' .. rid
     for f, v in pairs(fields) do
@@ -298,7 +300,12 @@ local function og_poller_save(keys, args)
         redis.call('HSET', key, f, v)
       end
     end
-    redis.call('PEXPIRE', key, 86400000)
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('PERSIST', key)
+      redis.call('SADD', 'og:{og}:poll:restaurants', rid)
+    else
+      redis.call('SREM', 'og:{og}:poll:restaurants', rid)
+    end
   end
   return 1
 end

@@ -66,6 +66,8 @@ pub const LEADER_KEY: &str = "og:{og}:leader";
 pub const LEADER_EPOCH_KEY: &str = "og:{og}:leader:epoch";
 pub const POLL_CURSOR_KEY: &str = "og:{og}:poll:cursor";
 pub const POLL_LAST_KEY: &str = "og:{og}:poll:last";
+/// Restaurants that have a `known` hash (what a new leader loads).
+pub const POLL_RESTAURANTS_KEY: &str = "og:{og}:poll:restaurants";
 pub fn poll_known_key(r: RestaurantId) -> String {
     format!("og:{{og}}:poll:known:{r}")
 }
@@ -763,6 +765,13 @@ impl Cluster for RedisBroker {
         Ok(token.as_deref().and_then(Lease::holder_of))
     }
 
+    async fn poller_restaurants(&self) -> Result<Vec<RestaurantId>, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.smembers(POLL_RESTAURANTS_KEY);
+        let (members,): (Vec<String>,) = self.query(pipe).await?;
+        Ok(members.iter().filter_map(|m| m.parse().ok()).collect())
+    }
+
     async fn load_poller_state(
         &self,
         restaurants: &[RestaurantId],
@@ -814,10 +823,7 @@ impl Cluster for RedisBroker {
                 (r.to_string(), obj.into())
             })
             .collect();
-        let doc = serde_json::json!({
-            "forget": delta.forget.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
-            "changes": changes,
-        });
+        let doc = serde_json::json!({ "changes": changes });
         let _: i64 = self
             .fcall(
                 "og_poller_save",

@@ -156,7 +156,26 @@ pub async fn publish(
         ));
     }
     let event: PublishBody = serde_json::from_value(value).map_err(bad_body)?;
-    if !ORDER_STATUSES.contains(&event.order.order_status.as_str()) {
+    // The database may hold NULLs here; a publisher sends the full order
+    // (docs/openapi.json).
+    if event.order.created_at.is_none() || event.order.items.iter().any(|i| i.quantity.is_none()) {
+        return Err(ApiError::bad_request(
+            "order.created_at and each item's quantity are required",
+        ));
+    }
+    if event.kind == EventKind::OrderDeleted {
+        // The poller reports deletions (docs/CHANGE_CAPTURE.md); an
+        // order_deleted carries no full order to validate or version.
+        return Err(ApiError::bad_request(
+            "order_deleted is reported by the gateway's change capture, not published",
+        ));
+    }
+    if !event
+        .order
+        .order_status
+        .as_deref()
+        .is_some_and(|s| ORDER_STATUSES.contains(&s))
+    {
         return Err(ApiError::bad_request(format!(
             "order.order_status must be one of {ORDER_STATUSES:?}"
         )));

@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::domain::{EventKind, Order};
+use crate::domain::{EventKind, Order, is_open_status};
 
 /// What the poller last reported about one order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Known {
-    pub status: String,
+    /// `None`: the row's status was NULL.
+    pub status: Option<String>,
     /// The row's `updated_at` as read.
     pub updated_at_micros: i64,
     /// The `updated_at` the event carried: the row's, or later when the
@@ -20,7 +21,7 @@ pub struct Known {
 }
 
 impl Known {
-    pub fn new(status: String, updated_at_micros: i64) -> Known {
+    pub fn new(status: Option<String>, updated_at_micros: i64) -> Known {
         Known {
             status,
             updated_at_micros,
@@ -37,14 +38,21 @@ impl Known {
         }
     }
 
-    /// Stored as `status|micros[|published micros]` in the poller's state.
+    /// On the board (see [`Order::is_open`]).
+    pub fn is_open(&self) -> bool {
+        self.status.as_deref().is_some_and(is_open_status)
+    }
+
+    /// Stored as `status|micros[|published micros]` in the poller's state;
+    /// a NULL status is empty (no order status is).
     pub fn encode(&self) -> String {
+        let status = self.status.as_deref().unwrap_or_default();
         if self.published_micros == self.updated_at_micros {
-            format!("{}|{}", self.status, self.updated_at_micros)
+            format!("{status}|{}", self.updated_at_micros)
         } else {
             format!(
-                "{}|{}|{}",
-                self.status, self.updated_at_micros, self.published_micros
+                "{status}|{}|{}",
+                self.updated_at_micros, self.published_micros
             )
         }
     }
@@ -56,13 +64,17 @@ impl Known {
             && let Ok(micros) = micros.parse::<i64>()
         {
             return Some(Known {
-                status: status.to_string(),
+                status: status_of(status),
                 updated_at_micros: micros,
                 published_micros: last,
             });
         }
-        Some(Known::new(head.to_string(), last))
+        Some(Known::new(status_of(head), last))
     }
+}
+
+fn status_of(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
 }
 
 /// The `updated_at` to publish a changed row with. Dashboards order an
@@ -99,9 +111,12 @@ pub struct Change {
 ///   it knew;
 /// - never seen, created inside this poll's window → `order_created` (also
 ///   when it changed again before this poll saw it: one event, latest state);
-/// - never seen, created before the window → `order_updated` (an order that
-///   existed before the restaurant was watched; its old status is unknown);
-/// - known, status differs → `order_status_changed` with `previous_status`;
+///   a NULL `created_at` counts as created at its `updated_at`;
+/// - never seen, created before the window → `order_updated` (a closed order
+///   the poller no longer remembers, or one that existed before the first
+///   start; its old status is unknown);
+/// - known, status differs → `order_status_changed` with `previous_status`
+///   (`order_updated` when the known status was NULL: there is none to name);
 /// - known, anything else differs → `order_updated`.
 pub fn diff(
     known: &HashMap<Uuid, Known>,
@@ -113,11 +128,14 @@ pub fn diff(
         let micros = order.updated_at.timestamp_micros();
         let change = match known.get(&order.id) {
             Some(k) if micros == k.updated_at_micros => None,
-            Some(k) if k.status != order.order_status => {
-                Some((EventKind::OrderStatusChanged, Some(k.status.clone())))
-            }
+            Some(k) if k.status != order.order_status => match &k.status {
+                Some(previous) => Some((EventKind::OrderStatusChanged, Some(previous.clone()))),
+                None => Some((EventKind::OrderUpdated, None)),
+            },
             Some(_) => Some((EventKind::OrderUpdated, None)),
-            None if order.created_at >= window_start => Some((EventKind::OrderCreated, None)),
+            None if order.created_at.unwrap_or(order.updated_at) >= window_start => {
+                Some((EventKind::OrderCreated, None))
+            }
             None => Some((EventKind::OrderUpdated, None)),
         };
         if let Some((kind, previous_status)) = change {
@@ -148,19 +166,19 @@ mod tests {
             table_number: Some(3),
             customer_name: None,
             customer_phone: None,
-            order_status: status.into(),
+            order_status: Some(status.into()),
             payment_status: Some("pending".into()),
             payment_method: None,
             total_price: Some(12.5),
             estimated_time: None,
-            created_at: t(created),
+            created_at: Some(t(created)),
             updated_at: t(updated),
             items: vec![],
         }
     }
 
     fn known(status: &str, updated: i64) -> Known {
-        Known::new(status.into(), t(updated).timestamp_micros())
+        Known::new(Some(status.into()), t(updated).timestamp_micros())
     }
 
     #[test]
@@ -239,6 +257,39 @@ mod tests {
     fn known_round_trips_through_its_encoding() {
         let k = known("preparing", 42);
         assert_eq!(Known::decode(&k.encode()), Some(k));
+        let null = Known::new(None, 7);
+        assert_eq!(Known::decode(&null.encode()), Some(null));
+        let restamped = Known {
+            published_micros: 9,
+            ..Known::new(None, 7)
+        };
+        assert_eq!(Known::decode(&restamped.encode()), Some(restamped));
         assert_eq!(Known::decode("garbage"), None);
+    }
+
+    #[test]
+    fn nulls_classify_without_guessing() {
+        let id = Uuid::new_v4();
+        // Unknown creation time: a first sight inside the window is new.
+        let mut o = order(id, "pending", 0, 100);
+        o.created_at = None;
+        assert_eq!(
+            diff(&HashMap::new(), &[o], t(99))[0].kind,
+            EventKind::OrderCreated
+        );
+        // A status out of NULL has no previous status to name.
+        let k = HashMap::from([(id, Known::new(None, t(100).timestamp_micros()))]);
+        assert_eq!(
+            diff(&k, &[order(id, "pending", 90, 101)], t(99))[0].kind,
+            EventKind::OrderUpdated
+        );
+        // Into NULL: a status change whose previous status is known.
+        let k = HashMap::from([(id, known("ready", 100))]);
+        let mut o = order(id, "ready", 90, 101);
+        o.order_status = None;
+        assert_eq!(
+            diff(&k, &[o], t(99))[0].previous_status.as_deref(),
+            Some("ready")
+        );
     }
 }

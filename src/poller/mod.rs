@@ -1,11 +1,12 @@
 //! Change capture. Every replica runs a [`Poller`]; only the holder of the
-//! leader lock works. Each tick: read the active restaurants, take the
-//! horizon, run one query for all of them, [`diff::diff`] against what was
-//! already reported, publish the changes through the same atomic step as
-//! everyone else (deduplicated by order version, fenced by the lease), and
-//! save progress (fenced too). See docs/CHANGE_CAPTURE.md for why no commit
-//! is missed. Between periodic ticks, [`wakeup`] ticks at once when a
-//! writer's trigger notifies.
+//! leader lock works. Each tick: take the horizon, run one query over every
+//! restaurant (whether or not a dashboard is open: one that returns resumes
+//! from history), [`diff::diff`] against what was already reported, publish
+//! the changes and deletions through the same atomic step as everyone else
+//! (deduplicated by order version, fenced by the lease), and save progress
+//! (fenced too). See docs/CHANGE_CAPTURE.md for why no commit is missed.
+//! Between periodic ticks, [`wakeup`] ticks at once when a writer's trigger
+//! notifies.
 
 pub mod diff;
 pub mod wakeup;
@@ -19,10 +20,12 @@ use futures_util::{StreamExt, stream};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::broker::{Backend, BrokerError, Lease, PollerStateDelta, PublishRequest};
+use crate::broker::{Backend, BrokerError, FieldEdits, Lease, PollerStateDelta, PublishRequest};
 use crate::config::Config;
 use crate::db::Database;
-use crate::domain::{EventBody, RestaurantId, format_timestamp, is_open_status};
+use crate::domain::{
+    DeletedOrder, EventBody, EventKind, Order, OrderVersion, RestaurantId, format_timestamp,
+};
 use diff::{Known, diff, published_micros};
 use wakeup::{Cause, Wakeup};
 
@@ -36,6 +39,13 @@ const MAX_LOOKBACK: Duration = Duration::from_secs(15 * 60);
 const MIN_OVERLAP: Duration = Duration::from_millis(250);
 /// Publishes in flight at once during a tick.
 const PUBLISH_CONCURRENCY: usize = 32;
+/// Every this many poll intervals, the known open orders are checked
+/// against the table: deletions in a schema without the tombstone trigger
+/// (or by TRUNCATE, or an order moved to another restaurant) are reported
+/// within this period (30 s at the default interval).
+const RECONCILE_EVERY_TICKS: u32 = 15;
+/// Yield to the scheduler every this many events prepared in a tick.
+const YIELD_EVERY: usize = 256;
 
 #[derive(Clone)]
 pub struct Poller {
@@ -60,7 +70,10 @@ struct Progress {
     /// than the last ten seconds. Never saved; the periodic tick re-reads
     /// from `cursor` and catches whatever this one might have missed.
     fast_cursor: Option<DateTime<Utc>>,
+    /// Per restaurant, every open order and the recently closed ones.
     known: HashMap<RestaurantId, HashMap<Uuid, Known>>,
+    /// When the known open orders were last checked against the table.
+    last_reconcile: Option<Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +173,7 @@ impl Poller {
             let started = Instant::now();
             let outcome = async {
                 if !loaded {
-                    progress = self.load(&progress).await?;
+                    progress = self.load().await?;
                     loaded = true;
                 }
                 // Losing the lease mid-tick aborts the tick at once.
@@ -199,18 +212,20 @@ impl Poller {
         let _ = renewer.await;
     }
 
-    /// Restore progress saved by a previous leader.
-    async fn load(&self, _current: &Progress) -> Result<Progress, TickError> {
-        let active = self.backend.active_restaurants().await?;
-        let saved = self.backend.load_poller_state(&active).await?;
+    /// Restore progress saved by a previous leader: the cursor and what is
+    /// known of every restaurant that has saved state.
+    async fn load(&self) -> Result<Progress, TickError> {
+        let restaurants = self.backend.poller_restaurants().await?;
+        let saved = self.backend.load_poller_state(&restaurants).await?;
         let mut progress = Progress {
             cursor: saved
                 .cursor_micros
                 .and_then(DateTime::<Utc>::from_timestamp_micros),
-            fast_cursor: None,
-            known: HashMap::new(),
+            ..Progress::default()
         };
         for (r, fields) in saved.restaurants {
+            // Fields that are not order ids (`_watched` of older versions)
+            // are skipped.
             let known = fields
                 .iter()
                 .filter_map(|(k, v)| Some((k.parse::<Uuid>().ok()?, Known::decode(v)?)))
@@ -220,22 +235,16 @@ impl Poller {
         Ok(progress)
     }
 
-    /// One poll. Returns the number of rows read. `full`: read from the
-    /// saved cursor and move it (periodic tick); otherwise an immediate tick
-    /// reads from the fast cursor and leaves the saved one alone.
+    /// One poll over every restaurant. Returns the number of rows read.
+    /// `full`: read from the saved cursor and move it (periodic tick);
+    /// otherwise an immediate tick reads from the fast cursor and leaves the
+    /// saved one alone.
     async fn tick(
         &self,
         lease: &Lease,
         progress: &mut Progress,
         full: bool,
     ) -> Result<usize, TickError> {
-        let active: HashSet<RestaurantId> = self
-            .backend
-            .active_restaurants()
-            .await?
-            .into_iter()
-            .collect();
-        metrics::gauge!("orders_gateway_poller_active_restaurants").set(active.len() as f64);
         // Taken before the query's snapshot: every commit the query cannot
         // see belongs to a transaction that started after `next_cursor`.
         let horizon = self.db.horizon().await?;
@@ -258,69 +267,25 @@ impl Poller {
             }
         };
 
-        let mut delta_state = PollerStateDelta {
-            cursor_micros: next_cursor.timestamp_micros(),
-            last_poll_ms: Utc::now().timestamp_millis(),
-            ..Default::default()
-        };
-        let gone: Vec<RestaurantId> = progress
-            .known
-            .keys()
-            .filter(|r| !active.contains(r))
-            .copied()
-            .collect();
-        for r in gone {
-            progress.known.remove(&r);
-            delta_state.forget.push(r);
-        }
-        let mut changes: HashMap<RestaurantId, Vec<(String, Option<String>)>> = HashMap::new();
-        let new: Vec<Uuid> = active
-            .iter()
-            .filter(|r| !progress.known.contains_key(r))
-            .map(|r| r.0)
-            .collect();
-        if !new.is_empty() {
-            for r in &new {
-                progress.known.insert(RestaurantId(*r), HashMap::new());
-                // Marks the restaurant as watched even when it has no orders.
-                changes.entry(RestaurantId(*r)).or_default().push((
-                    "_watched".into(),
-                    Some(since.timestamp_micros().to_string()),
-                ));
-            }
-            for (r, id, status, updated_at) in self.db.baseline(&new, since).await? {
-                let k = Known::new(status, updated_at.timestamp_micros());
-                changes
-                    .entry(RestaurantId(r))
-                    .or_default()
-                    .push((id.to_string(), Some(k.encode())));
-                progress
-                    .known
-                    .entry(RestaurantId(r))
-                    .or_default()
-                    .insert(id, k);
-            }
+        let mut changes: HashMap<RestaurantId, FieldEdits> = HashMap::new();
+        if progress.cursor.is_none() {
+            self.start_from_baseline(lease, progress, since).await?;
         }
 
-        let ids: Vec<Uuid> = active.iter().map(|r| r.0).collect();
-        let rows = if ids.is_empty() {
-            Vec::new()
-        } else {
-            self.db.changed_orders(&ids, since).await?
-        };
-        let mut by_restaurant: HashMap<RestaurantId, Vec<usize>> = HashMap::new();
-        for (i, o) in rows.iter().enumerate() {
+        let rows = self.db.changed_orders(since).await?;
+        let row_count = rows.len();
+        let mut by_restaurant: HashMap<RestaurantId, Vec<Order>> = HashMap::new();
+        for o in rows {
             by_restaurant
                 .entry(RestaurantId(o.restaurant_id))
                 .or_default()
-                .push(i);
+                .push(o);
         }
-        let mut to_publish = Vec::new();
-        for (r, indices) in &by_restaurant {
+        let mut batch = Vec::new();
+        for (r, orders) in &by_restaurant {
             let known = progress.known.entry(*r).or_default();
-            let subset: Vec<_> = indices.iter().map(|i| rows[*i].clone()).collect();
-            for change in diff(known, &subset, since) {
-                let row = &subset[change.row];
+            for change in diff(known, orders, since) {
+                let row = &orders[change.row];
                 let micros =
                     published_micros(known.get(&row.id), row.updated_at.timestamp_micros());
                 let mut restamped = None;
@@ -343,7 +308,7 @@ impl Poller {
                     timestamp: format_timestamp(Utc::now()),
                 })
                 .expect("event serializes");
-                to_publish.push((
+                batch.push((
                     PublishRequest {
                         restaurant: *r,
                         version: Some(order.version()),
@@ -351,12 +316,164 @@ impl Poller {
                         fence: Some(lease.token.clone()),
                     },
                     order.id,
-                    Known::of(row, micros),
+                    Some(Known::of(row, micros)),
                 ));
+                // A tick of thousands of rows is CPU work: let the lease
+                // renewal and the Redis connection run meanwhile.
+                if batch.len() % YIELD_EVERY == 0 {
+                    tokio::task::yield_now().await;
+                }
             }
         }
+        drop(by_restaurant);
+
+        // Deletions, read before anything is published so that publishing
+        // and saving stay back to back (a leader that dies in between makes
+        // its successor repeat what it published).
+        let reconcile = progress
+            .last_reconcile
+            .is_none_or(|t| t.elapsed() >= self.interval * RECONCILE_EVERY_TICKS);
+        let mut gone: HashSet<(RestaurantId, Uuid)> = self
+            .db
+            .deleted_orders(since)
+            .await?
+            .into_iter()
+            .map(|(id, r)| (RestaurantId(r), id))
+            .collect();
+        if reconcile {
+            let open: Vec<(Uuid, Uuid)> = progress
+                .known
+                .iter()
+                .flat_map(|(r, known)| {
+                    known
+                        .iter()
+                        .filter(|(_, k)| k.is_open())
+                        .map(|(id, _)| (*id, r.0))
+                })
+                .collect();
+            let missing: HashSet<Uuid> = self.db.missing_orders(&open).await?.into_iter().collect();
+            gone.extend(
+                open.into_iter()
+                    .filter(|(id, _)| missing.contains(id))
+                    .map(|(id, r)| (RestaurantId(r), id)),
+            );
+        }
+        // Only orders some board may show: known ones. A deletion of an
+        // order never seen (created and deleted between two ticks) or long
+        // closed is nobody's news.
+        for (r, id) in gone {
+            if !progress.known.get(&r).is_some_and(|k| k.contains_key(&id)) {
+                continue;
+            }
+            let body = serde_json::to_string(&EventBody {
+                kind: EventKind::OrderDeleted,
+                previous_status: None,
+                order: &DeletedOrder {
+                    id,
+                    restaurant_id: r.0,
+                },
+                timestamp: format_timestamp(Utc::now()),
+            })
+            .expect("event serializes");
+            batch.push((
+                PublishRequest {
+                    restaurant: r,
+                    version: Some(OrderVersion::deleted(id)),
+                    body,
+                    fence: Some(lease.token.clone()),
+                },
+                id,
+                None,
+            ));
+        }
+        self.publish_all(batch, progress, &mut changes).await?;
+
+        // Closed orders that fell out of the window need not be remembered:
+        // a later change to one is reported as an update. Open ones stay
+        // until they close or are deleted, however quiet their restaurant.
+        let horizon_micros = next_cursor.timestamp_micros();
+        for (r, known) in progress.known.iter_mut() {
+            let stale: Vec<Uuid> = known
+                .iter()
+                .filter(|(_, k)| !k.is_open() && k.updated_at_micros < horizon_micros)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in stale {
+                known.remove(&id);
+                changes.entry(*r).or_default().push((id.to_string(), None));
+            }
+        }
+        progress.known.retain(|_, known| !known.is_empty());
+        metrics::gauge!("orders_gateway_poller_known_orders")
+            .set(progress.known.values().map(HashMap::len).sum::<usize>() as f64);
+        let state = PollerStateDelta {
+            cursor_micros: next_cursor.timestamp_micros(),
+            last_poll_ms: Utc::now().timestamp_millis(),
+            changes: changes.into_iter().collect(),
+        };
+        self.backend.save_poller_state(lease, &state).await?;
+        progress.cursor = Some(next_cursor);
+        progress.fast_cursor = Some(next_fast_cursor);
+        if reconcile {
+            progress.last_reconcile = Some(Instant::now());
+        }
+        Ok(row_count)
+    }
+
+    /// Nothing saved to resume from (first start, or Redis lost its state,
+    /// and with it every history, so dashboards resync anyway): the open
+    /// orders last written before `since` are the baseline, not events;
+    /// dashboards get them in their snapshots. Rows written since are left
+    /// to the poll, so none is absorbed. Saved at once with `since` as the
+    /// cursor: a first tick that fails (a huge first window, a lost lease)
+    /// resumes from here instead of taking a later baseline that would
+    /// absorb what it had not published yet.
+    async fn start_from_baseline(
+        &self,
+        lease: &Lease,
+        progress: &mut Progress,
+        since: DateTime<Utc>,
+    ) -> Result<(), TickError> {
+        let mut changes: HashMap<RestaurantId, FieldEdits> = HashMap::new();
+        for (r, id, status, updated_at) in self.db.baseline(since).await? {
+            let k = Known::new(status, updated_at.timestamp_micros());
+            changes
+                .entry(RestaurantId(r))
+                .or_default()
+                .push((id.to_string(), Some(k.encode())));
+            progress
+                .known
+                .entry(RestaurantId(r))
+                .or_default()
+                .insert(id, k);
+        }
+        let orders: usize = changes.values().map(Vec::len).sum();
+        let state = PollerStateDelta {
+            cursor_micros: since.timestamp_micros(),
+            last_poll_ms: Utc::now().timestamp_millis(),
+            changes: changes.into_iter().collect(),
+        };
+        self.backend.save_poller_state(lease, &state).await?;
+        progress.cursor = Some(since);
+        tracing::info!(
+            orders,
+            "poller: no saved progress; open orders taken as the baseline"
+        );
+        Ok(())
+    }
+
+    /// Publish, `PUBLISH_CONCURRENCY` at a time, and record what is now
+    /// known of each order (`None`: deleted, forgotten). The first failure
+    /// fails the tick once all have finished: the cursor stays, the failed
+    /// ones are read again next tick, the others come back as duplicates.
+    async fn publish_all(
+        &self,
+        batch: Vec<(PublishRequest, Uuid, Option<Known>)>,
+        progress: &mut Progress,
+        changes: &mut HashMap<RestaurantId, FieldEdits>,
+    ) -> Result<(), TickError> {
         let backend = &self.backend;
-        let results: Vec<_> = stream::iter(to_publish)
+        let results: Vec<_> = stream::iter(batch)
             .map(|(req, id, k)| async move {
                 let r = req.restaurant;
                 (backend.publish(req).await, r, id, k)
@@ -375,40 +492,30 @@ impl Poller {
                     };
                     metrics::counter!(format!("orders_gateway_events_{label}_total"), "source" => "poller")
                         .increment(1);
-                    changes
-                        .entry(r)
-                        .or_default()
-                        .push((id.to_string(), Some(k.encode())));
-                    progress.known.entry(r).or_default().insert(id, k);
+                    let known = progress.known.entry(r).or_default();
+                    match k {
+                        Some(k) => {
+                            changes
+                                .entry(r)
+                                .or_default()
+                                .push((id.to_string(), Some(k.encode())));
+                            known.insert(id, k);
+                        }
+                        None => {
+                            changes.entry(r).or_default().push((id.to_string(), None));
+                            known.remove(&id);
+                        }
+                    }
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
             }
         }
-        if let Some(e) = first_error {
-            // Keep the cursor: the failed ones are retried next tick.
-            return Err(e.into());
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
         }
-        // Closed orders that fell out of the window need not be remembered:
-        // a later change to one is reported as an update.
-        let horizon_micros = next_cursor.timestamp_micros();
-        for (r, known) in progress.known.iter_mut() {
-            let stale: Vec<Uuid> = known
-                .iter()
-                .filter(|(_, k)| !is_open_status(&k.status) && k.updated_at_micros < horizon_micros)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in stale {
-                known.remove(&id);
-                changes.entry(*r).or_default().push((id.to_string(), None));
-            }
-        }
-        delta_state.changes = changes.into_iter().collect();
-        self.backend.save_poller_state(lease, &delta_state).await?;
-        progress.cursor = Some(next_cursor);
-        progress.fast_cursor = Some(next_fast_cursor);
-        Ok(rows.len())
     }
 }
 

@@ -137,12 +137,11 @@ async fn leader(redis: &Redis) -> Option<(u64, String)> {
     Some((epoch, Lease::holder_of(&token)?))
 }
 
-/// Until the poller has started watching `r` (it saved the restaurant's state).
-async fn watched(redis: &Redis, r: Uuid) {
-    let key = format!("og:{{og}}:poll:known:{r}");
+/// Until the poller has finished a tick (saved its cursor): from then on
+/// every commit is read by some later tick.
+async fn captured(redis: &Redis) {
     eventually(Duration::from_secs(10), || async {
-        let v = redis.cmd(&["HEXISTS", &key, "_watched"]).await.ok()?;
-        (redis::from_redis_value::<i64>(v).ok()? == 1).then_some(())
+        redis_get(redis, "og:{og}:poll:cursor").await.map(|_| ())
     })
     .await
 }
@@ -182,7 +181,7 @@ async fn a_new_order_reaches_every_dashboard_on_every_replica_once() {
     for gw in [&a, &a, &b, &b] {
         boards.push(board(gw.ws_url(&q)).await.0);
     }
-    watched(&redis, r).await;
+    captured(&redis).await;
     let pool = db.pool().await;
     let committed = Instant::now();
     let id = insert_order(&pool, r, "pending", 2).await;
@@ -262,8 +261,11 @@ async fn a_status_change_and_a_payment_update_are_one_event_each() {
     }
 }
 
+/// Every restaurant is captured, dashboards or not: the changes of one that
+/// nobody watches are numbered and remembered for its next dashboard, and no
+/// other restaurant's dashboard sees them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_inactive_restaurant_is_neither_polled_nor_delivered() {
+async fn a_restaurant_without_dashboards_is_captured_for_its_next_dashboard() {
     let redis = Redis::start().await;
     let db = TestDb::create().await;
     let a = Gateway::start(cfg(&redis, &db)).await;
@@ -273,44 +275,56 @@ async fn an_inactive_restaurant_is_neither_polled_nor_delivered() {
     let q = format!("token={}", token(watched_r));
     let (mut on_a, _) = board(a.ws_url(&q)).await;
     let (mut on_b, _) = board(b.ws_url(&q)).await;
-    watched(&redis, watched_r).await;
+    captured(&redis).await;
     let pool = db.pool().await;
     let idle_order = insert_order(&pool, idle, "pending", 1).await;
     let seen = insert_order(&pool, watched_r, "pending", 1).await;
+    for ws in [&mut on_a, &mut on_b] {
+        assert_eq!(order_id(&next_event(ws, INTERVAL + MARGIN).await), seen);
+    }
     sqlx::query("UPDATE orders SET order_status = 'preparing' WHERE id = $1")
         .bind(idle_order)
         .execute(&pool)
         .await
         .unwrap();
+    // Both versions of the idle restaurant's order are in its history...
+    let history = format!("og:{{orders:{idle}}}:hist");
+    eventually(Duration::from_secs(5), || async {
+        let v = redis.cmd(&["ZCARD", &history]).await.ok()?;
+        (redis::from_redis_value::<i64>(v).ok()? == 2).then_some(())
+    })
+    .await;
     for ws in [&mut on_a, &mut on_b] {
-        let ev = next_event(ws, INTERVAL + MARGIN).await;
-        assert_eq!(order_id(&ev), seen);
         ws.silent_for(QUIET).await;
     }
-    // Nothing about the idle restaurant was published or remembered.
-    assert!(
-        redis_keys(&redis, &format!("og:{{orders:{idle}}}:v:*"))
+    // ...and remembered.
+    let key = format!("og:{{og}}:poll:known:{idle}");
+    eventually(Duration::from_secs(5), || async {
+        let v = redis
+            .cmd(&["HGET", &key, &idle_order.to_string()])
             .await
-            .is_empty()
-    );
-    assert!(redis_keys(&redis, &format!("og:*{idle}*")).await.is_empty());
-    assert_eq!(
-        redis_keys(&redis, &format!("og:{{orders:{watched_r}}}:v:*"))
-            .await
-            .len(),
-        1
-    );
+            .ok()?;
+        let known: Option<String> = redis::from_redis_value(v).ok()?;
+        known?.starts_with("preparing|").then_some(())
+    })
+    .await;
+    // Its first dashboard starts from the current state.
+    let (mut ws, snapshot) = board(b.ws_url(&format!("token={}", token(idle)))).await;
+    let orders = snapshot["orders"].as_array().unwrap();
+    assert_eq!(orders.len(), 1, "{snapshot}");
+    assert_eq!(orders[0]["order_status"], "preparing");
+    ws.silent_for(QUIET).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_that_existed_before_the_dashboard_are_not_replayed() {
     let redis = Redis::start().await;
     let db = TestDb::create().await;
-    let gw = Gateway::start(cfg(&redis, &db)).await;
     let r = Uuid::new_v4();
     let pool = db.pool().await;
-    // Old rows (long before the poller's window) and a fresh one (inside
-    // it: the poller reports it, the dashboard's snapshot already shows it).
+    // Before the poller's first start: old rows (long before its window,
+    // the baseline) and a fresh one (inside it: the poller reports it, the
+    // dashboard's snapshot already shows it).
     let old = insert_order(&pool, r, "pending", 1).await;
     let closed = insert_order(&pool, r, "completed", 1).await;
     sqlx::raw_sql(
@@ -323,6 +337,7 @@ async fn rows_that_existed_before_the_dashboard_are_not_replayed() {
     .unwrap();
     let fresh = insert_order(&pool, r, "confirmed", 2).await;
 
+    let gw = Gateway::start(cfg(&redis, &db)).await;
     let (mut ws, snapshot) = board(gw.ws_url(&format!("token={}", token(r)))).await;
     let in_snapshot: HashSet<Uuid> = snapshot["orders"]
         .as_array()
@@ -331,7 +346,7 @@ async fn rows_that_existed_before_the_dashboard_are_not_replayed() {
         .map(|o| o["id"].as_str().unwrap().parse().unwrap())
         .collect();
     assert_eq!(in_snapshot, HashSet::from([old, fresh]), "open orders only");
-    watched(&redis, r).await;
+    captured(&redis).await;
     ws.silent_for(QUIET).await;
     assert!(
         redis_get(&redis, &format!("og:{{orders:{r}}}:v:{old}"))
@@ -367,6 +382,443 @@ async fn rows_that_existed_before_the_dashboard_are_not_replayed() {
         (Some("order_updated"), closed)
     );
     ws.silent_for(QUIET).await;
+}
+
+// ---------------------------------------------------------------- every restaurant, always
+
+/// Reconnect with `last_event_id` and return the order ids the dashboard
+/// learns about: the events replayed (`resumed: true`), or the snapshot after
+/// `resync_required` (`resumed: false`). Either keeps the board right; silence
+/// does not.
+async fn resume(url: &str, last_event_id: &str, expect: &[Uuid]) -> (Ws, Vec<Value>) {
+    let mut ws = Ws::connect(&format!("{url}&last_event_id={last_event_id}")).await;
+    let hello = ws.json().await;
+    assert_eq!(hello["type"], "connection_established", "{hello}");
+    if hello["resumed"] == true {
+        let events = read_until(&mut ws, INTERVAL + MARGIN * 2, |e| {
+            expect
+                .iter()
+                .all(|id| e.iter().any(|e| e["order"]["id"] == id.to_string()))
+        })
+        .await;
+        (ws, events)
+    } else {
+        let resync = ws.json().await;
+        assert_eq!(resync["type"], "resync_required", "{resync}");
+        let snapshot = ws.json().await;
+        assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+        let orders = snapshot["orders"].as_array().unwrap().clone();
+        for id in expect {
+            assert!(
+                orders.iter().any(|o| o["id"] == id.to_string()),
+                "{snapshot}"
+            );
+        }
+        (ws, vec![])
+    }
+}
+
+/// Issue 9, hole 1: the restaurant's only dashboard is away longer than the
+/// presence TTL, an order is written meanwhile and falls behind the cursor;
+/// resuming must replay it (or resync), never answer `resumed: true` and stay
+/// silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_away_longer_than_presence_resumes_with_what_changed() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let mut c = cfg(&redis, &db);
+    c.presence_ttl_ms = 1000;
+    c.poll_overlap_ms = 0;
+    let gw = Gateway::start(c).await;
+    let r = Uuid::new_v4();
+    let url = gw.ws_url(&format!("token={}", token(r)));
+    let (mut ws, _) = board(url.clone()).await;
+    captured(&redis).await;
+    let pool = db.pool().await;
+    let first = insert_order(&pool, r, "pending", 1).await;
+    let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(order_id(&ev), first);
+    let seen = ev["event_id"].as_str().unwrap().to_string();
+    drop(ws);
+
+    // Away for longer than the presence TTL (and many ticks).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let meanwhile = insert_order(&pool, r, "pending", 1).await;
+    sqlx::query("UPDATE orders SET order_status = 'confirmed' WHERE id = $1")
+        .bind(first)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The cursor moves well past both writes before the dashboard returns.
+    tokio::time::sleep(INTERVAL * 6).await;
+
+    let (mut ws, events) = resume(&url, &seen, &[meanwhile, first]).await;
+    if !events.is_empty() {
+        let kinds: HashMap<Uuid, &str> = events
+            .iter()
+            .map(|e| (order_id(e), e["type"].as_str().unwrap()))
+            .collect();
+        assert_eq!(kinds[&meanwhile], "order_created", "{events:?}");
+        assert_eq!(kinds[&first], "order_status_changed", "{events:?}");
+        assert_eq!(events.len(), 2, "{events:?}");
+    }
+    ws.silent_for(QUIET).await;
+}
+
+/// Issue 9, hole 10c, and failover: what the poller knows of an open order
+/// never expires, and a new leader loads it for every restaurant with saved
+/// state, dashboards or not: the order's next status change is still an
+/// `order_status_changed`, replayed to the dashboard when it resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_knows_every_open_order_however_quiet() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let a = Gateway::start(cfg(&redis, &db)).await;
+    let b = Gateway::start(cfg(&redis, &db)).await;
+    let r = Uuid::new_v4();
+    let (_, holder) = eventually(Duration::from_secs(5), || leader(&redis)).await;
+    let (leading, staying) = if holder == a.instance_id {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let url = staying.ws_url(&format!("token={}", token(r)));
+    let (mut ws, _) = board(url.clone()).await;
+    captured(&redis).await;
+    let pool = db.pool().await;
+    let id = insert_order(&pool, r, "pending", 1).await;
+    let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(order_id(&ev), id);
+    let seen = ev["event_id"].as_str().unwrap().to_string();
+    drop(ws);
+
+    let key = format!("og:{{og}}:poll:known:{r}");
+    eventually(Duration::from_secs(5), || async {
+        let v = redis.cmd(&["HEXISTS", &key, &id.to_string()]).await.ok()?;
+        (redis::from_redis_value::<i64>(v).ok()? == 1).then_some(())
+    })
+    .await;
+    let ttl: i64 = redis::from_redis_value(redis.cmd(&["PTTL", &key]).await.unwrap()).unwrap();
+    assert_eq!(ttl, -1, "known state of an open order has no expiry");
+    let member: i64 = redis::from_redis_value(
+        redis
+            .cmd(&["SISMEMBER", "og:{og}:poll:restaurants", &r.to_string()])
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(member, 1, "the restaurant is listed for the next leader");
+
+    // No dashboard anywhere, then a new leader.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    leading.shutdown().await;
+    eventually(Duration::from_secs(5), || async {
+        leader(&redis)
+            .await
+            .filter(|(_, h)| *h == staying.instance_id)
+    })
+    .await;
+    sqlx::query("UPDATE orders SET order_status = 'confirmed' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(INTERVAL * 6).await;
+
+    let (mut ws, events) = resume(&url, &seen, &[id]).await;
+    assert_eq!(events.len(), 1, "history replays it: {events:?}");
+    assert_eq!(events[0]["type"], "order_status_changed", "{events:?}");
+    assert_eq!(events[0]["previous_status"], "pending");
+    ws.silent_for(QUIET).await;
+}
+
+// ---------------------------------------------------------------- what a foreign schema allows
+
+/// Issue 9, hole 5: in a schema the gateway did not create, columns the
+/// contract does not name as keys may be NULL. Such a row is delivered with
+/// `null`s; a row without a restaurant or version is skipped and reported;
+/// everyone else keeps flowing, and snapshots skip such rows instead of
+/// failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_with_nulls_never_stop_change_capture() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    sqlx::raw_sql(
+        "ALTER TABLE orders ALTER COLUMN restaurant_id DROP NOT NULL, \
+           ALTER COLUMN order_status DROP NOT NULL, ALTER COLUMN created_at DROP NOT NULL, \
+           ALTER COLUMN updated_at DROP NOT NULL; \
+         ALTER TABLE order_items ALTER COLUMN quantity DROP NOT NULL",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let gw = Gateway::start(cfg(&redis, &db)).await;
+    let r = Uuid::new_v4();
+    let url = gw.ws_url(&format!("token={}", token(r)));
+    let (mut ws, _) = board(url.clone()).await;
+    captured(&redis).await;
+
+    // Nobody's order: no restaurant.
+    let orphan = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO orders (id, restaurant_id, order_status) VALUES ($1, NULL, 'pending')",
+    )
+    .bind(orphan)
+    .execute(&pool)
+    .await
+    .unwrap();
+    // NULLs the contract allows, in the order and in an item.
+    let sparse = Uuid::new_v4();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO orders (id, restaurant_id, order_status, created_at) VALUES ($1, $2, NULL, NULL)",
+    )
+    .bind(sparse)
+    .bind(r)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO order_items (id, order_id, quantity) VALUES ($1, $2, NULL)")
+        .bind(Uuid::new_v4())
+        .bind(sparse)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let fine = insert_order(&pool, r, "pending", 1).await;
+
+    let events = read_until(&mut ws, INTERVAL + MARGIN * 2, |e| e.len() == 2).await;
+    let by_id: HashMap<Uuid, &Value> = events.iter().map(|e| (order_id(e), e)).collect();
+    assert_eq!(by_id[&fine]["type"], "order_created");
+    let s = &by_id[&sparse]["order"];
+    assert_eq!(by_id[&sparse]["type"], "order_created", "{s}");
+    for field in ["order_status", "created_at", "order_number", "total_price"] {
+        assert!(s[field].is_null(), "{field} goes out as null: {s}");
+    }
+    assert!(s["items"][0]["quantity"].is_null(), "{s}");
+    ws.silent_for(QUIET).await;
+    let text = crate::support::metrics(&format!("http://{}", gw.addr)).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("orders_gateway_poller_rows_skipped_total{source=\"poll\"}")),
+        "{text}"
+    );
+
+    // The board keeps working: later changes arrive...
+    sqlx::query("UPDATE orders SET order_status = 'ready' WHERE id = $1")
+        .bind(fine)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(ev["type"], "order_status_changed", "{ev}");
+    // ...and a snapshot leaves out an open row without a version.
+    sqlx::query(
+        "INSERT INTO orders (id, restaurant_id, order_status, updated_at) VALUES ($1, $2, 'pending', NULL)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(r)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (_, snapshot) = board(url).await;
+    let ids: Vec<&str> = snapshot["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![fine.to_string()], "{snapshot}");
+}
+
+/// Issue 9, hole 10a: a change to an order's items alone is a change to the
+/// order (the migrations' trigger stamps the order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_change_alone_reaches_dashboards() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let gw = Gateway::start(cfg(&redis, &db)).await;
+    let r = Uuid::new_v4();
+    let (mut ws, _) = board(gw.ws_url(&format!("token={}", token(r)))).await;
+    captured(&redis).await;
+    let pool = db.pool().await;
+    let id = insert_order(&pool, r, "pending", 1).await;
+    let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(
+        (ev["type"].as_str(), order_id(&ev)),
+        (Some("order_created"), id)
+    );
+    ws.silent_for(QUIET).await;
+
+    let item = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO order_items (id, order_id, menu_item_id, quantity, unit_price) \
+         VALUES ($1, $2, NULL, 1, 3.00)",
+    )
+    .bind(item)
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(ev["type"], "order_updated", "{ev}");
+    assert_eq!(ev["order"]["items"].as_array().unwrap().len(), 2, "{ev}");
+
+    sqlx::query("UPDATE order_items SET quantity = 5 WHERE id = $1")
+        .bind(item)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(ev["type"], "order_updated", "{ev}");
+    let items = ev["order"]["items"].as_array().unwrap();
+    assert!(
+        items
+            .iter()
+            .any(|i| i["id"] == item.to_string() && i["quantity"] == 5),
+        "{ev}"
+    );
+
+    sqlx::query("DELETE FROM order_items WHERE id = $1")
+        .bind(item)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(ev["type"], "order_updated", "{ev}");
+    assert_eq!(ev["order"]["items"].as_array().unwrap().len(), 1, "{ev}");
+    ws.silent_for(QUIET).await;
+}
+
+/// Issue 9, hole 10b: an open order deleted from the table leaves every
+/// board: `order_deleted` (from the migrations' tombstone trigger, or, in a
+/// schema without it, from the poller's periodic check), and snapshots no
+/// longer show it. Closed orders' deletions are nobody's news.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_open_order_leaves_every_board() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let a = Gateway::start(cfg(&redis, &db)).await;
+    let b = Gateway::start(cfg(&redis, &db)).await;
+    let r = Uuid::new_v4();
+    let q = format!("token={}", token(r));
+    let mut boards = vec![board(a.ws_url(&q)).await.0, board(b.ws_url(&q)).await.0];
+    captured(&redis).await;
+    let pool = db.pool().await;
+    let gone = insert_order(&pool, r, "pending", 1).await;
+    let later = insert_order(&pool, r, "pending", 1).await;
+    let closed = insert_order(&pool, r, "completed", 1).await;
+    for ws in &mut boards {
+        read_until(ws, INTERVAL + MARGIN * 2, |e| e.len() == 3).await;
+    }
+    tokio::time::sleep(QUIET).await; // the closed order falls out of the window
+
+    let deleted = |ev: &Value, id: Uuid| {
+        assert_eq!(ev["type"], "order_deleted", "{ev}");
+        assert_eq!(
+            ev["order"],
+            json!({"id": id.to_string(), "restaurant_id": r.to_string()})
+        );
+        assert!(
+            ev["event_id"].is_string() && ev["timestamp"].is_string(),
+            "{ev}"
+        );
+    };
+    sqlx::query("DELETE FROM orders WHERE id = ANY($1)")
+        .bind(vec![gone, closed])
+        .execute(&pool)
+        .await
+        .unwrap();
+    for ws in &mut boards {
+        deleted(&next_event(ws, INTERVAL + MARGIN).await, gone);
+        ws.silent_for(QUIET).await;
+    }
+    let (_, snapshot) = board(a.ws_url(&q)).await;
+    assert_eq!(
+        snapshot["orders"].as_array().unwrap().len(),
+        1,
+        "{snapshot}"
+    );
+
+    // A schema without the trigger: the periodic check finds it.
+    sqlx::raw_sql("DROP TRIGGER orders_leave_tombstone ON orders")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM orders WHERE id = $1")
+        .bind(later)
+        .execute(&pool)
+        .await
+        .unwrap();
+    for ws in &mut boards {
+        deleted(&next_event(ws, INTERVAL * 15 + MARGIN * 2).await, later);
+        ws.silent_for(QUIET).await;
+    }
+}
+
+/// Issue 13, item 2: with a `menu_items(id, name)` table, items carry their
+/// name, in events and snapshots; the publish endpoint passes names through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_carry_their_menu_names_when_the_table_exists() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let pizza = Uuid::new_v4();
+    sqlx::raw_sql("CREATE TABLE menu_items (id uuid PRIMARY KEY, name text, price numeric(10,2))")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO menu_items (id, name, price) VALUES ($1, 'Margherita', 9.50)")
+        .bind(pizza)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let gw = Gateway::start(cfg(&redis, &db)).await;
+    let r = Uuid::new_v4();
+    let q = format!("token={}", token(r));
+    let (mut ws, _) = board(gw.ws_url(&q)).await;
+    captured(&redis).await;
+
+    let id = Uuid::new_v4();
+    let mut tx = pool.begin().await.unwrap();
+    insert_order_in(&mut tx, id, r, "pending", 1).await; // an item not on the menu
+    sqlx::query(
+        "INSERT INTO order_items (id, order_id, menu_item_id, quantity, unit_price) \
+         VALUES (gen_random_uuid(), $1, $2, 1, 9.50)",
+    )
+    .bind(id)
+    .bind(pizza)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let names = |order: &Value| -> Vec<Option<String>> {
+        let mut v: Vec<_> = order["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.get("name").map(|n| n.as_str().unwrap().to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    let expected = vec![None, Some("Margherita".to_string())];
+    let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(names(&ev["order"]), expected, "{ev}");
+    let (_, snapshot) = board(gw.ws_url(&q)).await;
+    assert_eq!(names(&snapshot["orders"][0]), expected, "{snapshot}");
+
+    let mut order = order_json(r, Uuid::new_v4(), "pending");
+    order["items"][0]["name"] = json!("Tiramisu");
+    let (status, body) = post_event(
+        &format!("http://{}", gw.addr),
+        &json!({"type": "order_created", "order": order}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let ev = next_event(&mut ws, MARGIN).await;
+    assert_eq!(ev["order"]["items"][0]["name"], "Tiramisu", "{ev}");
 }
 
 // ---------------------------------------------------------------- no missed commits
@@ -526,7 +978,7 @@ async fn ten_thousand_orders_in_one_transaction_all_arrive_once() {
     let gw = Gateway::start(cfg(&redis, &db)).await;
     let r = Uuid::new_v4();
     let (mut ws, _) = board(gw.ws_url(&format!("token={}", token(r)))).await;
-    watched(&redis, r).await;
+    captured(&redis).await;
     let pool = db.pool().await;
     let mut conn = pool.acquire().await.unwrap();
     insert_bulk(&mut conn, r, 10_000).await;
@@ -566,11 +1018,15 @@ async fn ten_thousand_orders_in_one_transaction_all_arrive_once() {
 async fn a_restaurant_with_thousands_of_open_orders_gets_its_snapshot_and_events() {
     let redis = Redis::start().await;
     let db = TestDb::create().await;
-    let gw = Gateway::start(cfg(&redis, &db)).await;
     let r = Uuid::new_v4();
     let pool = db.pool().await;
+    // Open orders from before the poller's first start (and its first
+    // window): its baseline, not events.
     insert_bulk(&mut pool.acquire().await.unwrap(), r, 2_000).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let gw = Gateway::start(cfg(&redis, &db)).await;
     let (mut ws, snapshot) = board(gw.ws_url(&format!("token={}", token(r)))).await;
+    captured(&redis).await;
     assert_eq!(snapshot["orders"].as_array().unwrap().len(), 2_000);
     let id = insert_order(&pool, r, "pending", 1).await;
     let ev = next_event(&mut ws, INTERVAL + MARGIN * 2).await;
@@ -595,7 +1051,7 @@ async fn a_killed_leader_loses_and_repeats_nothing() {
         .iter()
         .position(|p| p.instance_id == holder)
         .expect("a replica leads");
-    watched(&redis, r).await;
+    captured(&redis).await;
 
     let pool = db.pool().await;
     let inserter = tokio::spawn({
@@ -766,7 +1222,6 @@ async fn a_stale_lease_is_fenced_at_publish_and_save() {
         cursor_micros: 1,
         last_poll_ms: 1,
         changes: vec![(r, vec![("x".into(), Some("y".into()))])],
-        forget: vec![],
     };
     assert!(matches!(
         backend.save_poller_state(&old, &delta).await,
@@ -873,7 +1328,7 @@ async fn the_publish_endpoint_is_idempotent_and_deduplicated_against_the_poller(
     let q = format!("token={}", token(r));
     let (mut ws, _) = board(gw.ws_url(&q)).await;
     let (mut ws2, _) = board(other.ws_url(&q)).await;
-    watched(&redis, r).await;
+    captured(&redis).await;
 
     // An event for an order that is not in the database: HTTP only.
     let event = json!({"type": "order_created", "order": order_json(r, Uuid::new_v4(), "pending")});
@@ -1002,4 +1457,21 @@ async fn the_publish_endpoint_refuses_bad_requests() {
     )
     .await;
     assert_api_error(s, &b, 404);
+}
+
+/// Issue 13, item 2: demo mode names its dishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_orders_name_their_dishes() {
+    let mut c = config();
+    c.demo = true;
+    let gw = Gateway::start(c).await;
+    let r = orders_gateway::demo::DEMO_RESTAURANT;
+    let (mut ws, _) = board(gw.ws_url(&format!("token={}", token(r)))).await;
+    let ev = next_event(&mut ws, Duration::from_secs(10)).await;
+    assert_eq!(ev["type"], "order_created", "{ev}");
+    let items = ev["order"]["items"].as_array().unwrap();
+    assert!(!items.is_empty(), "{ev}");
+    for item in items {
+        assert!(item["name"].as_str().is_some_and(|n| !n.is_empty()), "{ev}");
+    }
 }
