@@ -15,6 +15,7 @@
 #      Schemathesis against a live gateway; scripts/check-api.sh)
 #   5. the JavaScript client, package and browser tests, the AsyncAPI
 #      document (node --test, tsc, headless chromium)
+#   6. a 75-second chaos soak (docs/RELIABILITY.md), counted as one test
 # and ends with one line: "N passed, M failed".
 set -euo pipefail
 
@@ -149,6 +150,20 @@ j_pass="$(grep -E '^# pass [0-9]+' "$js_out" | tail -n1 | awk '{print $3}')"
 j_fail="$(grep -E '^# fail [0-9]+' "$js_out" | tail -n1 | awk '{print $3}')"
 tally "${j_pass:-0}" "${j_fail:-0}"
 [ "$js_rc" = 0 ] || [ "${j_fail:-0}" -gt 0 ] || tally 0 1
+
+# ------------------------------------------------------------ 6. chaos soak
+# docs/RELIABILITY.md: 3 replicas, 30 dashboards, faults every ~4 s for 75 s
+# against its own redis-server and PostgreSQL cluster; one test in the tally.
+log "chaos soak (75 s, seed ${SOAK_SEED:-7})"
+soak_rc=0
+cargo build --locked --bin soak || soak_rc=$?
+if [ "$soak_rc" = 0 ]; then
+  set +e
+  target/debug/soak --duration "${SOAK_DURATION:-75}" --settle 45 --seed "${SOAK_SEED:-7}" --own-postgres
+  soak_rc=$?
+  set -e
+fi
+if [ "$soak_rc" = 0 ]; then tally 1 0; else tally 0 1; fi
 
 echo
 echo "${passed} passed, ${failed} failed"

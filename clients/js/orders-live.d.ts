@@ -70,8 +70,15 @@ export interface OrderStatusChanged extends OrderEventBase {
   type: 'order_status_changed';
   previous_status?: OrderStatus | (string & {}) | null;
 }
+/** An open order was deleted from the database: it leaves the board. */
+export interface OrderDeleted {
+  type: 'order_deleted';
+  event_id?: string;
+  order: { id: string; restaurant_id: string };
+  timestamp: string;
+}
 /** An event that changed `client.orders`. */
-export type OrderEvent = OrderCreated | OrderUpdated | OrderStatusChanged;
+export type OrderEvent = OrderCreated | OrderUpdated | OrderStatusChanged | OrderDeleted;
 
 export interface ResyncRequired { type: 'resync_required'; reason: string }
 export interface Pong { type: 'pong'; timestamp: string }

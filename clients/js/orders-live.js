@@ -36,7 +36,9 @@ const FATAL_CODES = new Map([
   [4403, 'forbidden'],
 ]);
 
-const ORDER_EVENTS = new Set(['order_created', 'order_status_changed', 'order_updated']);
+const ORDER_EVENTS = new Set(['order_created', 'order_status_changed', 'order_updated', 'order_deleted']);
+/** Remembered for a deleted order: no later version can bring it back. */
+const DELETED_AT = '9999-12-31T23:59:59.999999Z';
 
 /** Custom close code the client uses when it abandons a silent socket. */
 export const CLIENT_DEAD_SOCKET_CODE = 4000;
@@ -473,6 +475,14 @@ export class OrdersLive {
     // order closed) is already seen: delivered again under a new event id
     // after the server lost its dedup state, or by a lagging poller.
     const id = String(order.id);
+    if (evt.type === 'order_deleted') {
+      // Gone from the database: off the board, for good.
+      this.orders.delete(id);
+      this._rememberRemoved(id, DELETED_AT);
+      try { this.onEvent(evt); } catch (err) { reportCallbackError(err); }
+      this._emitOrders({ reason: 'event', event: evt });
+      return;
+    }
     const held = this.orders.get(id);
     const heldAt = held ? held.updated_at : this._removed.get(id);
     if (heldAt !== undefined && isNotNewer(order.updated_at, heldAt)) return;

@@ -234,6 +234,23 @@ describe('OrdersLive against a fake server', () => {
     assert.equal(client.lastEventId, '0000000005');
   });
 
+  test('order_deleted takes an order off for good', async () => {
+    const { server, client, events } = await setup();
+    client.start();
+    const conn = await server.nextConnection();
+    conn.establish();
+    const a = makeOrder();
+    conn.send(ev('order_created', a, '0000000001'));
+    await waitFor(() => client.orders.has(a.id), { message: 'created' });
+    conn.send({ type: 'order_deleted', event_id: '0000000002', order: { id: a.id, restaurant_id: a.restaurant_id }, timestamp: a.updated_at });
+    await waitFor(() => !client.orders.has(a.id), { message: 'deleted' });
+    // A late replay of a version it had does not bring it back.
+    conn.send(ev('order_updated', nextVersion(a, { order_status: 'ready' }), '0000000003'));
+    await sleep(50);
+    assert.equal(client.orders.has(a.id), false);
+    assert.equal(events.length, 2);
+  });
+
   test('a connection that is not resumed does not filter the new history with the old cursor', async () => {
     const { server, client } = await setup();
     client.start();
