@@ -191,7 +191,14 @@ pub fn judge(
         }
 
         // --- silent gaps
+        // Newest version of each order this dashboard had, over its whole
+        // life up to and including the segment being judged.
+        let mut had: HashMap<Uuid, i64> = HashMap::new();
         for seg in &d.segments {
+            for (o, v) in &seg.versions {
+                let e = had.entry(*o).or_insert(*v);
+                *e = (*e).max(*v);
+            }
             let Some(upper) = &seg.max_id else { continue };
             let lower = match &seg.start {
                 Some(s) => s.clone(),
@@ -217,14 +224,15 @@ pub fn judge(
                 {
                     continue;
                 }
-                // A version this dashboard already had in this segment, sent
-                // again under a new id (Redis lost its dedup state): the
-                // replica suppresses the repeat, which is the promise ("never
-                // the same version twice"), not a loss. (This also hides the
-                // loss of an intermediate version later overtaken by a newer
-                // one in the same segment: the board still converges.)
+                // A version this dashboard already had (in this segment or
+                // an earlier one), sent again under a new id after Redis lost
+                // its dedup state: the replica suppresses the repeat, which
+                // is the promise ("never the same version twice"), not a
+                // loss. (This also hides the loss of an intermediate version
+                // overtaken by a newer one: `diverged` still judges the
+                // final state.)
                 if e.version
-                    .is_some_and(|v| seg.versions.get(&e.order).is_some_and(|s| *s >= v))
+                    .is_some_and(|v| had.get(&e.order).is_some_and(|s| *s >= v))
                 {
                     continue;
                 }
