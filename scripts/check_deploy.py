@@ -628,6 +628,9 @@ def check_render_default() -> None:
         expect(var not in cm, f"{var} must not be in the ConfigMap")
     expect(c["envFrom"][0]["configMapRef"]["name"] == kinds["ConfigMap"]["metadata"]["name"], "envFrom the ConfigMap")
     expect(cm["LOG_FORMAT"] == "json" and cm["BIND_ADDR"] == "0.0.0.0:8080", "ConfigMap basics")
+    expect(cm["HEADER_READ_TIMEOUT_MS"] == "10000" and cm["HANDSHAKE_TIMEOUT_MS"] == "15000"
+           and cm["MAX_HANDSHAKES"] == "1024" and cm["MEMBERSHIP_RECHECK_MS"] == "30000",
+           "ConfigMap: connection limits and membership recheck at the gateway's defaults")
     expect(kinds["Service"]["spec"]["ports"][0]["targetPort"] == "http", "Service targets the http port")
     expect(kinds["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1, "PDB maxUnavailable 1")
     sel = dep["spec"]["selector"]["matchLabels"]
@@ -735,6 +738,10 @@ BAD_VALUES = {
     "HPA min above max": ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}, "HelmRenderError", "minReplicas"),
     "PDB with both bounds": ({"podDisruptionBudget": {"minAvailable": 1}}, "HelmRenderError", "only one"),
     "no Secret name": ({"secrets": {"existingSecret": ""}}, "HelmRenderError", "names a Secret"),
+    "header read timeout too small": ({"config": {"headerReadTimeoutMs": 10}}, "HelmValuesError", "headerReadTimeoutMs"),
+    "handshake timeout below header timeout": (
+        {"config": {"headerReadTimeoutMs": 20000, "handshakeTimeoutMs": 15000}}, "HelmRenderError", "handshakeTimeoutMs"),
+    "no handshakes allowed": ({"config": {"maxHandshakes": 0}}, "HelmValuesError", "maxHandshakes"),
 }
 
 

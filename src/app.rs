@@ -123,9 +123,16 @@ impl App {
                 .context("REDIS_SENTINEL_URLS")?,
             ),
             Some(RedisMode::Cluster(seeds)) => Arc::new(
-                ClusterBroker::start(&seeds, &instance_id, inbound_tx, limits, background.clone())
-                    .await
-                    .context("REDIS_CLUSTER_URLS")?,
+                ClusterBroker::start(
+                    &seeds,
+                    &instance_id,
+                    inbound_tx,
+                    limits,
+                    background.clone(),
+                    &supervisor,
+                )
+                .await
+                .context("REDIS_CLUSTER_URLS")?,
             ),
             None => {
                 tracing::warn!(

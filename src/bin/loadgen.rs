@@ -574,14 +574,16 @@ impl Publisher {
                         let rid = &self.restaurants[r];
                         let order_id = version.split('@').next().unwrap_or_default();
                         let mut c = redis::cmd("FCALL");
-                        c.arg(orders_gateway::broker::redis::function_name("og_publish"))
-                            .arg(3)
-                            .arg(format!("og:{{orders:{rid}}}:meta"))
-                            .arg(format!("og:{{orders:{rid}}}:hist"))
-                            .arg(format!("og:{{orders:{rid}}}:v:{order_id}"))
-                            .arg(rid)
-                            .arg(version)
-                            .arg(body);
+                        c.arg(orders_gateway::broker::functions::function_name(
+                            "og_publish",
+                        ))
+                        .arg(3)
+                        .arg(format!("og:{{orders:{rid}}}:meta"))
+                        .arg(format!("og:{{orders:{rid}}}:hist"))
+                        .arg(format!("og:{{orders:{rid}}}:v:{order_id}"))
+                        .arg(rid)
+                        .arg(version)
+                        .arg(body);
                         c
                     }
                     PublishMode::Publish => {

@@ -29,18 +29,18 @@ use redis::{FromRedisValue, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use uuid::Uuid;
-
-use super::redis::{
-    ACTIVE, INSTANCES, LEADER_EPOCH_KEY, LEADER_KEY, POLL_CURSOR_KEY, POLL_LAST_KEY, conns_key,
-    function_name, library, poll_known_key, restaurant_key,
+use super::functions::{
+    self, Call, Failure, Functions, LEADER_KEY, POLL_CURSOR_KEY, POLL_LAST_KEY,
+    POLL_RESTAURANTS_KEY, classify, library, poll_known_key,
 };
+use super::redis::{ACTIVE, INSTANCES, conns_key};
 use super::{
     Broker, BrokerError, Cluster, ConnectionRecord, Cursor, History, Inbound, Lease, PollerState,
     PollerStateDelta, PublishRequest, Published, backoff,
 };
 use crate::config::HistoryLimits;
-use crate::domain::{EventId, RestaurantId};
+use crate::domain::RestaurantId;
+use crate::tasks::Supervisor;
 
 /// Any single Redis round trip taking longer than this counts as Redis
 /// being unavailable.
@@ -162,6 +162,7 @@ impl ShardedPubSub {
         instance_id: &str,
         inbound: mpsc::Sender<Inbound>,
         shutdown: CancellationToken,
+        tasks: &Supervisor,
     ) -> Result<ShardedPubSub, BrokerError> {
         let (push_tx, push_rx) = mpsc::channel::<PushInfo>(PUSH_CAPACITY);
         let shared = Arc::new(Shared {
@@ -202,25 +203,34 @@ impl ShardedPubSub {
             .map_err(unavailable)?;
         let me = ShardedPubSub { conn, shared };
         let (restored_tx, restored_rx) = mpsc::channel(4);
-        tokio::spawn(receive(
-            me.shared.clone(),
-            push_rx,
-            restored_rx,
-            inbound,
-            shutdown.clone(),
-        ));
-        tokio::spawn(restorer(
-            me.conn.clone(),
-            me.shared.clone(),
-            restored_tx,
-            shutdown.clone(),
-        ));
-        tokio::spawn(prober(
-            me.conn.clone(),
-            me.shared.clone(),
-            format!("{PROBE_PREFIX}{instance_id}"),
-            shutdown,
-        ));
+        tasks.spawn(
+            "redis_cluster_receiver",
+            receive(
+                me.shared.clone(),
+                push_rx,
+                restored_rx,
+                inbound,
+                shutdown.clone(),
+            ),
+        );
+        tasks.spawn(
+            "redis_cluster_restorer",
+            restorer(
+                me.conn.clone(),
+                me.shared.clone(),
+                restored_tx,
+                shutdown.clone(),
+            ),
+        );
+        tasks.spawn(
+            "redis_cluster_prober",
+            prober(
+                me.conn.clone(),
+                me.shared.clone(),
+                format!("{PROBE_PREFIX}{instance_id}"),
+                shutdown,
+            ),
+        );
         Ok(me)
     }
 
@@ -625,8 +635,9 @@ impl ClusterBroker {
         inbound: mpsc::Sender<Inbound>,
         limits: HistoryLimits,
         shutdown: CancellationToken,
+        tasks: &Supervisor,
     ) -> Result<ClusterBroker, BrokerError> {
-        let pubsub = ShardedPubSub::connect(seeds, instance_id, inbound, shutdown).await?;
+        let pubsub = ShardedPubSub::connect(seeds, instance_id, inbound, shutdown, tasks).await?;
         let broker = ClusterBroker {
             pubsub,
             library: library(limits, "SPUBLISH"),
@@ -672,40 +683,6 @@ impl ClusterBroker {
         Ok(())
     }
 
-    async fn fcall<T: FromRedisValue>(
-        &self,
-        name: &str,
-        keys: &[&str],
-        args: &[&str],
-    ) -> Result<T, BrokerError> {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(function_name(name)).arg(keys.len());
-        for k in keys {
-            cmd.arg(*k);
-        }
-        for a in args {
-            cmd.arg(*a);
-        }
-        for attempt in 0..2 {
-            let mut conn = self.pubsub.conn();
-            match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<T>(&mut conn)).await {
-                Err(_) => return Err(unavailable("Redis command timed out")),
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if e.code() == Some("FENCED") => return Err(BrokerError::Fenced),
-                Ok(Err(e)) if attempt == 0 && e.to_string().contains("Function not found") => {
-                    // A primary without the library (new node, restarted
-                    // without persistence): load everywhere and retry.
-                    self.install().await?;
-                }
-                Ok(Err(e)) if e.code().is_some() && !e.is_io_error() && !is_transient(&e) => {
-                    return Err(BrokerError::Rejected(e.to_string()));
-                }
-                Ok(Err(e)) => return Err(unavailable(e)),
-            }
-        }
-        Err(unavailable("Redis functions could not be installed"))
-    }
-
     /// Run commands grouped by the slot of their key: one pipeline per
     /// slot (a pipeline may not cross slots), all slots concurrently.
     /// Replies come back in the order of `cmds`.
@@ -747,13 +724,30 @@ impl ClusterBroker {
     }
 }
 
-/// Errors a failover or a slot move explains (the crate retries most of
-/// them itself; what is left is unavailability, not a rejection).
-fn is_transient(e: &redis::RedisError) -> bool {
-    matches!(
-        e.code(),
-        Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY" | "LOADING")
-    )
+#[async_trait]
+impl Functions for ClusterBroker {
+    /// Through the cluster connection, which follows `MOVED`/`ASK` and
+    /// retries a failover by itself; what it gives up on is unavailability,
+    /// not a rejection. A primary without the library (a new node, one
+    /// restarted without persistence) gets it loaded everywhere, then one retry.
+    async fn fcall(&self, call: &Call) -> Result<Value, BrokerError> {
+        let cmd = call.cmd();
+        for attempt in 0..2 {
+            let mut conn = self.pubsub.conn();
+            let e = match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut conn)).await {
+                Err(_) => return Err(unavailable("Redis command timed out")),
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e,
+            };
+            match classify(&e) {
+                Failure::Fenced => return Err(BrokerError::Fenced),
+                Failure::NoLibrary if attempt == 0 => self.install().await?,
+                Failure::Rejected => return Err(BrokerError::Rejected(e.to_string())),
+                _ => return Err(unavailable(e)),
+            }
+        }
+        Err(unavailable("Redis functions could not be installed"))
+    }
 }
 
 #[async_trait]
@@ -767,82 +761,27 @@ impl Broker for ClusterBroker {
     }
 
     async fn publish(&self, req: PublishRequest) -> Result<Published, BrokerError> {
-        let r = req.restaurant;
-        let rid = r.to_string();
-        let version = req.version.map(|v| v.token()).unwrap_or_default();
-        let fence = req.fence.unwrap_or_default();
-        let meta = restaurant_key(r, "meta");
-        let hist = restaurant_key(r, "hist");
-        let vkey = req
-            .version
-            .map(|v| restaurant_key(r, &format!("v:{}", v.order_id)));
-        let mut keys = vec![meta.as_str(), hist.as_str()];
-        if let Some(v) = &vkey {
-            keys.push(v);
-        }
         // The leader key lives in another slot, so the function cannot read
         // it: check it here first (a stale lease is refused as on one node),
         // and the function's per-restaurant fence refuses a lease older than
         // one already used on this restaurant. What remains is a leader that
         // pauses between this check and the call while nobody newer has
         // published here yet (docs/OPERATIONS.md).
-        if !fence.is_empty() {
+        if let Some(fence) = req.fence.as_deref().filter(|f| !f.is_empty()) {
             let current: Option<String> = self.one(redis::Cmd::get(LEADER_KEY)).await?;
-            if current.as_deref() != Some(fence.as_str()) {
+            if current.as_deref() != Some(fence) {
                 return Err(BrokerError::Fenced);
             }
         }
-        let (id, dup): (String, i64) = self
-            .fcall("og_publish", &keys, &[&rid, &version, &req.body, &fence])
-            .await?;
-        let event_id = id
-            .parse()
-            .map_err(|_| BrokerError::Rejected(format!("unexpected event id {id}")))?;
-        Ok(Published {
-            event_id,
-            duplicate: dup == 1,
-        })
+        functions::publish(self, &req).await
     }
 
     async fn history_after(&self, r: RestaurantId, after: Cursor) -> Result<History, BrokerError> {
-        let (epoch, seq) = match after {
-            Cursor::After(id) => (format!("{:013}", id.epoch), id.seq.to_string()),
-            Cursor::Empty { at_ms } => (String::new(), at_ms.to_string()),
-        };
-        let meta = restaurant_key(r, "meta");
-        let hist = restaurant_key(r, "hist");
-        let reply: Vec<String> = self
-            .fcall(
-                "og_history",
-                &[&meta, &hist],
-                &[&r.to_string(), &epoch, &seq],
-            )
-            .await?;
-        let mut it = reply.into_iter();
-        if it.next().as_deref() != Some("ok") {
-            return Ok(History::Gone);
-        }
-        Ok(History::Events(
-            it.filter_map(|m| {
-                m.split_once('|')
-                    .map(|(_, f)| Utf8Bytes::from(f.to_string()))
-            })
-            .collect(),
-        ))
+        functions::history_after(self, r, after).await
     }
 
     async fn position(&self, r: RestaurantId) -> Result<Cursor, BrokerError> {
-        let meta = restaurant_key(r, "meta");
-        let (epoch, seq): (String, String) =
-            self.fcall("og_last", &[&meta], &[&r.to_string()]).await?;
-        if epoch.is_empty() {
-            let at_ms = seq.parse().map_err(|_| unavailable("bad og_last reply"))?;
-            return Ok(Cursor::Empty { at_ms });
-        }
-        match (epoch.parse(), seq.parse()) {
-            (Ok(epoch), Ok(seq)) => Ok(Cursor::After(EventId { epoch, seq })),
-            _ => Err(unavailable("bad og_last reply")),
-        }
+        functions::position(self, r).await
     }
 
     /// Every primary answers (the crate sends `PING` to all of them) and
@@ -986,31 +925,15 @@ impl Cluster for ClusterBroker {
         instance_id: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>, BrokerError> {
-        let ttl = ttl.as_millis().to_string();
-        let nonce = Uuid::new_v4().simple().to_string();
-        let token: Option<String> = self
-            .fcall(
-                "og_leader_acquire",
-                &[LEADER_KEY, LEADER_EPOCH_KEY],
-                &[instance_id, &ttl, &nonce],
-            )
-            .await?;
-        Ok(token.map(|token| Lease { token }))
+        functions::acquire_leader(self, instance_id, ttl).await
     }
 
     async fn renew_leader(&self, lease: &Lease, ttl: Duration) -> Result<bool, BrokerError> {
-        let ttl = ttl.as_millis().to_string();
-        let ok: i64 = self
-            .fcall("og_leader_renew", &[LEADER_KEY], &[&lease.token, &ttl])
-            .await?;
-        Ok(ok == 1)
+        functions::renew_leader(self, lease, ttl).await
     }
 
     async fn release_leader(&self, lease: &Lease) -> Result<(), BrokerError> {
-        let _: i64 = self
-            .fcall("og_leader_release", &[LEADER_KEY], &[&lease.token])
-            .await?;
-        Ok(())
+        functions::release_leader(self, lease).await
     }
 
     async fn leader(&self) -> Result<Option<String>, BrokerError> {
@@ -1019,7 +942,7 @@ impl Cluster for ClusterBroker {
     }
 
     async fn poller_restaurants(&self) -> Result<Vec<RestaurantId>, BrokerError> {
-        let key = super::redis::POLL_RESTAURANTS_KEY;
+        let key = POLL_RESTAURANTS_KEY;
         let values = self
             .by_slot(vec![(key.to_string(), redis::Cmd::smembers(key))])
             .await?;
@@ -1073,20 +996,7 @@ impl Cluster for ClusterBroker {
         lease: &Lease,
         delta: &PollerStateDelta,
     ) -> Result<(), BrokerError> {
-        let doc = super::redis::poller_delta_json(delta);
-        let _: i64 = self
-            .fcall(
-                "og_poller_save",
-                &[LEADER_KEY],
-                &[
-                    &lease.token,
-                    &delta.cursor_micros.to_string(),
-                    &delta.last_poll_ms.to_string(),
-                    &doc,
-                ],
-            )
-            .await?;
-        Ok(())
+        functions::save_poller_state(self, lease, delta).await
     }
 }
 

@@ -11,6 +11,7 @@
 //! received payloads to an [`Inbound`] queue.
 
 pub mod cluster;
+pub mod functions;
 pub mod memory;
 pub mod redis;
 pub mod sentinel;

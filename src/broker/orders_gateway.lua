@@ -1,6 +1,6 @@
 #!lua name=orders_gateway_v2
 -- Versioned: the library is orders_gateway_v<N> and every function is
--- registered as <name>_v<N> (N = LIBRARY_VERSION in src/broker/redis.rs;
+-- registered as <name>_v<N> (N = LIBRARY_VERSION in src/broker/functions.rs;
 -- bump both, and this line, on any change of semantics, arguments or keys).
 -- During a rolling deploy old and new replicas each load and call their own
 -- version side by side: a new replica never replaces a function an old one

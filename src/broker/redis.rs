@@ -16,73 +16,19 @@ use deadpool_redis::redis::{self, FromRedisValue, aio::PubSubSink};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
+use super::functions::{
+    self, Call, Failure, Functions, LEADER_KEY, POLL_CURSOR_KEY, POLL_LAST_KEY,
+    POLL_RESTAURANTS_KEY, classify, library, poll_known_key,
+};
 use super::sentinel::{Master, Sentinels};
 use super::{
     Broker, BrokerError, Cluster, ConnectionRecord, Cursor, History, Inbound, Lease, PollerState,
     PollerStateDelta, PublishRequest, Published, backoff,
 };
 use crate::config::HistoryLimits;
-use crate::domain::{EventId, RestaurantId};
+use crate::domain::RestaurantId;
 use crate::tasks::Supervisor;
-
-/// The function library as shipped; see the file for the key layout.
-/// [`library`] fills in the limits before it is loaded.
-pub const FUNCTIONS: &str = include_str!("orders_gateway.lua");
-/// Version of [`FUNCTIONS`]: its library is `orders_gateway_v<N>` and each
-/// function `<name>_v<N>`, so replicas of different versions never call or
-/// replace each other's code during a rolling deploy. Bump it (and the
-/// file's `#!lua name=` line and `VERSION`) on any change of semantics.
-pub const LIBRARY_VERSION: u32 = 2;
-
-/// The name this build calls a library function by, e.g.
-/// `og_publish` -> `og_publish_v2`.
-pub fn function_name(base: &str) -> String {
-    format!("{base}_v{LIBRARY_VERSION}")
-}
-
-/// The library with this deployment's limits and publish command baked in:
-/// functions then read no global config key, so each touches only the keys
-/// it declares (a requirement of Redis Cluster).
-pub fn library(limits: HistoryLimits, publish_command: &str) -> String {
-    let limits_line = format!(
-        "local MAX_EVENTS, MAX_AGE_MS, DEDUP_TTL_MS, PUBLISH = {}, {}, {}, '{}'",
-        limits.max_events,
-        limits.max_age.as_millis(),
-        DEDUP_TTL_MS,
-        publish_command
-    );
-    let mut out = String::with_capacity(FUNCTIONS.len() + 64);
-    let mut replace_next = false;
-    for line in FUNCTIONS.lines() {
-        if replace_next {
-            out.push_str(&limits_line);
-            replace_next = false;
-        } else {
-            replace_next = line.trim() == "-- @LIMITS@";
-            out.push_str(line);
-        }
-        out.push('\n');
-    }
-    out
-}
-
-/// Keys of a restaurant, hash-tagged with its channel name: all in the
-/// channel's slot.
-pub fn restaurant_key(r: RestaurantId, suffix: &str) -> String {
-    format!("og:{{orders:{r}}}:{suffix}")
-}
-/// The poller lock and everything fenced by it share the `{og}` slot.
-pub const LEADER_KEY: &str = "og:{og}:leader";
-pub const LEADER_EPOCH_KEY: &str = "og:{og}:leader:epoch";
-pub const POLL_CURSOR_KEY: &str = "og:{og}:poll:cursor";
-pub const POLL_LAST_KEY: &str = "og:{og}:poll:last";
-/// Restaurants that have a `known` hash (what a new leader loads).
-pub const POLL_RESTAURANTS_KEY: &str = "og:{og}:poll:restaurants";
-pub fn poll_known_key(r: RestaurantId) -> String {
-    format!("og:{{og}}:poll:known:{r}")
-}
 
 /// The liveness probe: every replica publishes on its own probe channel
 /// through the command pool and must hear it back on its pub/sub link.
@@ -93,8 +39,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Any single Redis round trip taking longer than this counts as Redis
 /// being unavailable: callers (sockets, HTTP requests) must not hang on it.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
-/// Order versions are remembered this long for deduplication.
-const DEDUP_TTL_MS: u64 = 24 * 3600 * 1000;
 const SUBSCRIBE_CHUNK: usize = 512;
 /// How long a subscribe waits for the pub/sub connection to come (back).
 const SINK_WAIT: Duration = Duration::from_secs(2);
@@ -205,7 +149,7 @@ impl RedisBroker {
         shutdown: CancellationToken,
         tasks: &Supervisor,
     ) -> Result<RedisBroker, BrokerError> {
-        let master = Master::sentinel(sentinels, COMMAND_TIMEOUT, shutdown.clone()).await?;
+        let master = Master::sentinel(sentinels, COMMAND_TIMEOUT, shutdown.clone(), tasks).await?;
         RedisBroker::start_with(master, instance_id, inbound, limits, shutdown, tasks).await
     }
 
@@ -292,58 +236,6 @@ impl RedisBroker {
         self.query::<()>(pipe).await
     }
 
-    async fn fcall<T: FromRedisValue>(
-        &self,
-        name: &str,
-        keys: &[&str],
-        args: &[&str],
-    ) -> Result<T, BrokerError> {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(function_name(name)).arg(keys.len());
-        for k in keys {
-            cmd.arg(*k);
-        }
-        for a in args {
-            cmd.arg(*a);
-        }
-        for attempt in 0..2 {
-            let mut conn = self.conn().await?;
-            let answer =
-                tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<T>(&mut conn)).await;
-            if answer
-                .as_ref()
-                .map_or(true, |r| r.as_ref().is_err_and(|e| e.is_io_error()))
-            {
-                discard(conn);
-            }
-            match answer {
-                Err(_) => {
-                    self.master.suspect().await;
-                    return Err(unavailable("Redis command timed out"));
-                }
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if e.code() == Some("FENCED") => return Err(BrokerError::Fenced),
-                // A demoted master refused the write before doing anything:
-                // safe to retry on the master Sentinel names now.
-                Ok(Err(e)) if attempt == 0 && is_readonly(&e) => {
-                    self.after_error(&e).await;
-                }
-                Ok(Err(e)) if attempt == 0 && e.to_string().contains("Function not found") => {
-                    // Redis restarted without persistence: reinstall and retry.
-                    self.install().await?;
-                }
-                Ok(Err(e)) if e.code().is_some() && !e.is_io_error() => {
-                    return Err(BrokerError::Rejected(e.to_string()));
-                }
-                Ok(Err(e)) => {
-                    self.after_error(&e).await;
-                    return Err(unavailable(e));
-                }
-            }
-        }
-        Err(unavailable("Redis functions could not be installed"))
-    }
-
     async fn query<T: FromRedisValue>(&self, pipe: redis::Pipeline) -> Result<T, BrokerError> {
         let answer = query_on(self.conn().await?, pipe).await;
         if answer.is_err() {
@@ -357,6 +249,43 @@ impl RedisBroker {
 
 fn is_readonly(e: &redis::RedisError) -> bool {
     e.code() == Some("READONLY")
+}
+
+#[async_trait]
+impl Functions for RedisBroker {
+    /// On the master's pool. A demoted master (Sentinel) or a Redis that
+    /// lost the library refused before doing anything: look again / load
+    /// it, and retry once.
+    async fn fcall(&self, call: &Call) -> Result<redis::Value, BrokerError> {
+        let cmd = call.cmd();
+        for attempt in 0..2 {
+            let mut conn = self.conn().await?;
+            let answer = tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async(&mut conn)).await;
+            let e = match answer {
+                Ok(Ok(v)) => return Ok(v),
+                Err(_) => {
+                    discard(conn);
+                    self.master.suspect().await;
+                    return Err(unavailable("Redis command timed out"));
+                }
+                Ok(Err(e)) => e,
+            };
+            if e.is_io_error() {
+                discard(conn);
+            }
+            match classify(&e) {
+                Failure::Fenced => return Err(BrokerError::Fenced),
+                Failure::NoLibrary if attempt == 0 => self.install().await?,
+                Failure::Elsewhere if attempt == 0 && is_readonly(&e) => self.after_error(&e).await,
+                Failure::Rejected => return Err(BrokerError::Rejected(e.to_string())),
+                _ => {
+                    self.after_error(&e).await;
+                    return Err(unavailable(e));
+                }
+            }
+        }
+        Err(unavailable("Redis functions could not be installed"))
+    }
 }
 
 /// Run `pipe` on a pooled connection with the command timeout. A connection
@@ -631,13 +560,6 @@ async fn retry_later(
     }
 }
 
-fn parse_event_id(epoch: &str, seq: &str) -> Option<EventId> {
-    Some(EventId {
-        epoch: epoch.parse().ok()?,
-        seq: seq.parse().ok()?,
-    })
-}
-
 #[async_trait]
 impl Broker for RedisBroker {
     async fn subscribe(&self, r: RestaurantId) -> Result<(), BrokerError> {
@@ -666,69 +588,15 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, req: PublishRequest) -> Result<Published, BrokerError> {
-        let r = req.restaurant;
-        let rid = r.to_string();
-        let version = req.version.map(|v| v.token()).unwrap_or_default();
-        let fence = req.fence.unwrap_or_default();
-        let meta = restaurant_key(r, "meta");
-        let hist = restaurant_key(r, "hist");
-        let vkey = req
-            .version
-            .map(|v| restaurant_key(r, &format!("v:{}", v.order_id)));
-        let mut keys = vec![meta.as_str(), hist.as_str()];
-        if let Some(v) = &vkey {
-            keys.push(v);
-        }
-        let (id, dup): (String, i64) = self
-            .fcall("og_publish", &keys, &[&rid, &version, &req.body, &fence])
-            .await?;
-        let event_id = id
-            .parse()
-            .map_err(|_| BrokerError::Rejected(format!("unexpected event id {id}")))?;
-        Ok(Published {
-            event_id,
-            duplicate: dup == 1,
-        })
+        functions::publish(self, &req).await
     }
 
     async fn history_after(&self, r: RestaurantId, after: Cursor) -> Result<History, BrokerError> {
-        let (epoch, seq) = match after {
-            Cursor::After(id) => (format!("{:013}", id.epoch), id.seq.to_string()),
-            Cursor::Empty { at_ms } => (String::new(), at_ms.to_string()),
-        };
-        let meta = restaurant_key(r, "meta");
-        let hist = restaurant_key(r, "hist");
-        let reply: Vec<String> = self
-            .fcall(
-                "og_history",
-                &[&meta, &hist],
-                &[&r.to_string(), &epoch, &seq],
-            )
-            .await?;
-        let mut it = reply.into_iter();
-        if it.next().as_deref() != Some("ok") {
-            return Ok(History::Gone);
-        }
-        Ok(History::Events(
-            it.filter_map(|m| {
-                m.split_once('|')
-                    .map(|(_, f)| Utf8Bytes::from(f.to_string()))
-            })
-            .collect(),
-        ))
+        functions::history_after(self, r, after).await
     }
 
     async fn position(&self, r: RestaurantId) -> Result<Cursor, BrokerError> {
-        let meta = restaurant_key(r, "meta");
-        let (epoch, seq): (String, String) =
-            self.fcall("og_last", &[&meta], &[&r.to_string()]).await?;
-        if epoch.is_empty() {
-            let at_ms = seq.parse().map_err(|_| unavailable("bad og_last reply"))?;
-            return Ok(Cursor::Empty { at_ms });
-        }
-        parse_event_id(&epoch, &seq)
-            .map(Cursor::After)
-            .ok_or_else(|| unavailable("bad og_last reply"))
+        functions::position(self, r).await
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
@@ -856,31 +724,15 @@ impl Cluster for RedisBroker {
         instance_id: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>, BrokerError> {
-        let ttl = ttl.as_millis().to_string();
-        let nonce = Uuid::new_v4().simple().to_string();
-        let token: Option<String> = self
-            .fcall(
-                "og_leader_acquire",
-                &[LEADER_KEY, LEADER_EPOCH_KEY],
-                &[instance_id, &ttl, &nonce],
-            )
-            .await?;
-        Ok(token.map(|token| Lease { token }))
+        functions::acquire_leader(self, instance_id, ttl).await
     }
 
     async fn renew_leader(&self, lease: &Lease, ttl: Duration) -> Result<bool, BrokerError> {
-        let ttl = ttl.as_millis().to_string();
-        let ok: i64 = self
-            .fcall("og_leader_renew", &[LEADER_KEY], &[&lease.token, &ttl])
-            .await?;
-        Ok(ok == 1)
+        functions::renew_leader(self, lease, ttl).await
     }
 
     async fn release_leader(&self, lease: &Lease) -> Result<(), BrokerError> {
-        let _: i64 = self
-            .fcall("og_leader_release", &[LEADER_KEY], &[&lease.token])
-            .await?;
-        Ok(())
+        functions::release_leader(self, lease).await
     }
 
     async fn leader(&self) -> Result<Option<String>, BrokerError> {
@@ -932,40 +784,6 @@ impl Cluster for RedisBroker {
         lease: &Lease,
         delta: &PollerStateDelta,
     ) -> Result<(), BrokerError> {
-        let doc = poller_delta_json(delta);
-        let _: i64 = self
-            .fcall(
-                "og_poller_save",
-                &[LEADER_KEY],
-                &[
-                    &lease.token,
-                    &delta.cursor_micros.to_string(),
-                    &delta.last_poll_ms.to_string(),
-                    &doc,
-                ],
-            )
-            .await?;
-        Ok(())
+        functions::save_poller_state(self, lease, delta).await
     }
-}
-
-/// The argument of `og_poller_save`: `{forget: [rid], changes: {rid: {field: value|null}}}`.
-pub(super) fn poller_delta_json(delta: &PollerStateDelta) -> String {
-    let changes: serde_json::Map<String, serde_json::Value> = delta
-        .changes
-        .iter()
-        .map(|(r, fields)| {
-            let obj: serde_json::Map<String, serde_json::Value> = fields
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.clone().map_or(serde_json::Value::Null, Into::into),
-                    )
-                })
-                .collect();
-            (r.to_string(), obj.into())
-        })
-        .collect();
-    serde_json::json!({ "changes": changes }).to_string()
 }

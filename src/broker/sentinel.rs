@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::BrokerError;
+use crate::tasks::Supervisor;
 
 /// How often the sentinels are asked even when nothing failed.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -92,6 +93,7 @@ impl Master {
         sentinels: Sentinels,
         command_timeout: Duration,
         shutdown: CancellationToken,
+        tasks: &Supervisor,
     ) -> Result<Arc<Master>, BrokerError> {
         for u in &sentinels.urls {
             redis::Client::open(u.as_str()).map_err(unavailable)?;
@@ -100,7 +102,10 @@ impl Master {
         if let Err(e) = master.resolve(true).await {
             tracing::warn!(error = %e, "Redis Sentinel: no master yet; will keep asking");
         }
-        tokio::spawn(recheck(Arc::downgrade(&master), shutdown));
+        tasks.spawn(
+            "sentinel_recheck",
+            recheck(Arc::downgrade(&master), shutdown),
+        );
         Ok(master)
     }
 

@@ -14,6 +14,7 @@ use orders_gateway::broker::{
 };
 use orders_gateway::config::HistoryLimits;
 use orders_gateway::domain::{EventId, OrderVersion, RestaurantId};
+use orders_gateway::tasks::Supervisor;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -63,9 +64,16 @@ async fn cluster() -> Subject {
     let cluster = RedisCluster::start().await;
     let (tx, rx) = mpsc::channel(1024);
     let stop = CancellationToken::new();
-    let broker = ClusterBroker::start(&cluster.seeds(), "conformance", tx, LIMITS, stop.clone())
-        .await
-        .unwrap();
+    let broker = ClusterBroker::start(
+        &cluster.seeds(),
+        "conformance",
+        tx,
+        LIMITS,
+        stop.clone(),
+        &Supervisor::new(stop.clone()),
+    )
+    .await
+    .unwrap();
     Subject {
         backend: Arc::new(broker),
         inbound: rx,

@@ -101,7 +101,9 @@ async fn outside_publish_reaches_every_socket_once() {
         json!({"type": "order_created", "order": order, "timestamp": "2024-01-15T10:30:45Z"});
     let order_id = order["id"].as_str().unwrap();
     let (id, dup): (String, i64) = redis::cmd("FCALL")
-        .arg(orders_gateway::broker::redis::function_name("og_publish"))
+        .arg(orders_gateway::broker::functions::function_name(
+            "og_publish",
+        ))
         .arg(3)
         .arg(format!("og:{{orders:{r}}}:meta"))
         .arg(format!("og:{{orders:{r}}}:hist"))

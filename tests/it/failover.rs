@@ -1,6 +1,6 @@
 //! Redis fails over while events flow, against real servers: a Redis
-//! Cluster primary SIGKILLed, a slot moved to another primary, a Sentinel
-//! master SIGKILLed. Dashboards on several replicas keep receiving, never
+//! Cluster primary SIGKILLed, a slot moved to another primary (by hand and
+//! by `redis-cli --cluster reshard`), a Sentinel master SIGKILLed. Dashboards on several replicas keep receiving, never
 //! see an id twice or out of order, miss nothing without being told to
 //! resync, and a resume after the failover replays or resyncs.
 
@@ -246,6 +246,42 @@ async fn cluster_slot_moved_while_events_flow() {
             .find(|n| n.primary && n.id != owner.id)
             .unwrap();
         cluster.move_slot(slot, other.port).await;
+    };
+    events_survive(&gws, r, fault).await;
+}
+
+/// What an SRE runs to rebalance: `redis-cli --cluster reshard` moves a
+/// block of slots, the restaurant's among them, keys and all.
+#[tokio::test]
+async fn cluster_resharded_by_redis_cli_while_events_flow() {
+    const SLOTS: u16 = 40;
+    let cluster = RedisCluster::start().await;
+    let gws = cluster_replicas(&cluster, 2).await;
+    let topo = cluster.topology().await;
+    let from = topo.iter().find(|n| n.primary).unwrap().clone();
+    let to = topo
+        .iter()
+        .find(|n| n.primary && n.id != from.id)
+        .unwrap()
+        .clone();
+    // redis-cli moves the source's lowest slots: a restaurant whose
+    // channel hashes into them.
+    let first = from.slots.iter().map(|&(a, _)| a).min().unwrap();
+    let owned = |s: u16| from.slots.iter().any(|&(a, b)| a <= s && s <= b);
+    let (r, slot) = loop {
+        let r = Uuid::new_v4();
+        let slot = key_slot(&format!("orders:{r}"));
+        if (first..first + SLOTS).contains(&slot) && owned(slot) {
+            break (r, slot);
+        }
+    };
+    let fault = async {
+        cluster.reshard(from.port, to.port, SLOTS as u32).await;
+        assert_eq!(
+            cluster.owner_of(slot).await.id,
+            to.id,
+            "the restaurant's slot moved"
+        );
     };
     events_survive(&gws, r, fault).await;
 }

@@ -1230,7 +1230,9 @@ async fn a_stale_lease_is_fenced_at_publish_and_save() {
     let mut conn = redis.client().await;
     let order_id = version.split('@').next().unwrap();
     let raw: redis::RedisResult<redis::Value> = redis::cmd("FCALL")
-        .arg(orders_gateway::broker::redis::function_name("og_publish"))
+        .arg(orders_gateway::broker::functions::function_name(
+            "og_publish",
+        ))
         .arg(3)
         .arg(format!("og:{{orders:{r}}}:meta"))
         .arg(format!("og:{{orders:{r}}}:hist"))

@@ -7,6 +7,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use orders_gateway::config::Config;
+
+use crate::ha::{RedisCluster, RedisSentinel, SENTINEL_MASTER};
 use crate::support::{
     Gateway, Next, Redis, TestDb, Ws, config, dashboard, insert_order, order_json, post_event,
     token,
@@ -23,10 +26,15 @@ async fn publish(gw: &Gateway, r: Uuid, kind: &str, status: &str) -> String {
 }
 
 async fn redis_replicas(redis: &Redis, db: Option<&TestDb>, n: usize) -> Vec<Gateway> {
+    replicas(n, db, |c| c.redis_url = Some(redis.url())).await
+}
+
+/// `n` replicas on the Redis that `redis` configures.
+async fn replicas(n: usize, db: Option<&TestDb>, redis: impl Fn(&mut Config)) -> Vec<Gateway> {
     let mut out = Vec::new();
     for _ in 0..n {
         let mut cfg = config();
-        cfg.redis_url = Some(redis.url());
+        redis(&mut cfg);
         cfg.database_url = db.map(|d| d.url.clone());
         out.push(Gateway::start(cfg).await);
     }
@@ -64,7 +72,29 @@ async fn resume_replays_exactly_what_was_missed_then_goes_live() {
 #[tokio::test]
 async fn resume_works_across_replicas() {
     let redis = Redis::start().await;
-    let gws = redis_replicas(&redis, None, 2).await;
+    resume_across(&redis_replicas(&redis, None, 2).await).await;
+}
+
+#[tokio::test]
+async fn resume_works_across_replicas_on_a_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    resume_across(&replicas(2, None, |c| c.redis_cluster_urls = Some(cluster.urls())).await).await;
+}
+
+#[tokio::test]
+async fn resume_works_across_replicas_with_sentinel() {
+    let s = RedisSentinel::start().await;
+    let gws = replicas(2, None, |c| {
+        c.redis_sentinel_urls = Some(s.urls());
+        c.redis_sentinel_master = Some(SENTINEL_MASTER.into());
+    })
+    .await;
+    resume_across(&gws).await;
+}
+
+/// Seen on one replica, missed events published through both, resumed on
+/// the other: exactly the missed events, in order.
+async fn resume_across(gws: &[Gateway]) {
     let r = Uuid::new_v4();
     let t = token(r);
     let (mut ws, _) = dashboard(&gws[0].ws_url(&format!("token={t}"))).await;
@@ -177,8 +207,34 @@ async fn snapshot_holds_exactly_the_open_orders_of_the_restaurant() {
 async fn orders_committed_while_connecting_appear_exactly_once() {
     let redis = Redis::start().await;
     let db = TestDb::create().await;
+    committed_while_connecting(&redis_replicas(&redis, Some(&db), 2).await, &db).await;
+}
+
+#[tokio::test]
+async fn orders_committed_while_connecting_appear_exactly_once_on_a_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    let db = TestDb::create().await;
+    let gws = replicas(2, Some(&db), |c| {
+        c.redis_cluster_urls = Some(cluster.urls())
+    })
+    .await;
+    committed_while_connecting(&gws, &db).await;
+}
+
+#[tokio::test]
+async fn orders_committed_while_connecting_appear_exactly_once_with_sentinel() {
+    let s = RedisSentinel::start().await;
+    let db = TestDb::create().await;
+    let gws = replicas(2, Some(&db), |c| {
+        c.redis_sentinel_urls = Some(s.urls());
+        c.redis_sentinel_master = Some(SENTINEL_MASTER.into());
+    })
+    .await;
+    committed_while_connecting(&gws, &db).await;
+}
+
+async fn committed_while_connecting(gws: &[Gateway], db: &TestDb) {
     let pool = db.pool().await;
-    let gws = redis_replicas(&redis, Some(&db), 2).await;
     let r = Uuid::new_v4();
     // Keep the restaurant active so the poller watches it throughout.
     let (_keeper, _) = dashboard(&gws[0].ws_url(&format!("token={}", token(r)))).await;

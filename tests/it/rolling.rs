@@ -2,7 +2,9 @@
 //! side by side, neither replacing nor calling the other's code; and the
 //! atomic publish step refusing bodies it cannot number.
 
-use orders_gateway::broker::redis::{FUNCTIONS, LIBRARY_VERSION, function_name, restaurant_key};
+use orders_gateway::broker::functions::{
+    FUNCTIONS, LIBRARY_VERSION, function_name, restaurant_key,
+};
 use orders_gateway::domain::RestaurantId;
 use serde_json::json;
 use uuid::Uuid;

@@ -6,7 +6,7 @@
 //! Dashboards connect through nginx and receive every order once; one replica
 //! is SIGKILLed while orders keep coming; its dashboards reconnect through
 //! nginx to the survivor with `last_event_id` and catch up with nothing lost
-//! and nothing twice.
+//! and nothing twice. The same on a Redis Cluster and with Sentinel.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -20,6 +20,7 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::ha::{RedisCluster, RedisSentinel, SENTINEL_MASTER};
 use crate::support::{
     GatewayProcess, Next, Redis, TestDb, Ws, dashboard, eventually, free_port, get_json,
     insert_order, post_event, token,
@@ -369,33 +370,70 @@ impl Dash {
 
 // ---------------------------------------------------------------- the test
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboards_behind_nginx_survive_a_killed_replica() {
-    let Some(nginx_bin) = nginx_binary() else {
+/// nginx, or None (and a note) where it is not installed; in CI its
+/// absence fails the test.
+fn nginx_or_skip() -> Option<PathBuf> {
+    let found = nginx_binary();
+    if found.is_none() {
         let msg = "nginx is not installed (Debian: apt-get install nginx-light; \
                    scripts/check-deploy.sh installs it)";
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("{msg}: the topology test cannot be skipped in CI");
         }
         eprintln!("note: skipping the nginx topology test: {msg}");
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_behind_nginx_survive_a_killed_replica() {
+    let Some(nginx_bin) = nginx_or_skip() else {
         return;
     };
-    let started = Instant::now();
-
     let redis = Redis::start().await;
+    killed_replica_behind_nginx(&nginx_bin, &[("REDIS_URL", redis.url())]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_behind_nginx_survive_a_killed_replica_on_a_redis_cluster() {
+    let Some(nginx_bin) = nginx_or_skip() else {
+        return;
+    };
+    let cluster = RedisCluster::start().await;
+    killed_replica_behind_nginx(&nginx_bin, &[("REDIS_CLUSTER_URLS", cluster.urls())]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_behind_nginx_survive_a_killed_replica_with_sentinel() {
+    let Some(nginx_bin) = nginx_or_skip() else {
+        return;
+    };
+    let sentinel = RedisSentinel::start().await;
+    let redis_env = [
+        ("REDIS_SENTINEL_URLS", sentinel.urls()),
+        ("REDIS_SENTINEL_MASTER", SENTINEL_MASTER.to_string()),
+    ];
+    killed_replica_behind_nginx(&nginx_bin, &redis_env).await;
+}
+
+/// Two gateway processes behind nginx on the Redis `redis_env` names, a
+/// database, dashboards on both; the poller leader is SIGKILLed while
+/// orders keep coming. Every dashboard ends with every order, once.
+async fn killed_replica_behind_nginx(nginx_bin: &Path, redis_env: &[(&'static str, String)]) {
+    let started = Instant::now();
     let db = TestDb::create().await;
     let pool = db.pool().await;
-    let env = [
-        ("REDIS_URL", redis.url()),
+    let mut env = redis_env.to_vec();
+    env.extend([
         ("DATABASE_URL", db.url.clone()),
         ("POLL_INTERVAL_MS", "200".to_string()),
         ("LEADER_TTL_MS", "1000".to_string()),
-    ];
+    ]);
     let mut gws = vec![
         GatewayProcess::start(&env).await,
         GatewayProcess::start(&env).await,
     ];
-    let nginx = Nginx::start(&nginx_bin, &[gws[0].addr, gws[1].addr]).await;
+    let nginx = Nginx::start(nginx_bin, &[gws[0].addr, gws[1].addr]).await;
     let base = nginx.base();
 
     let r = Uuid::new_v4();
