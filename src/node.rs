@@ -310,36 +310,62 @@ impl Node {
 
     /// After the pub/sub connection was lost and restored, deliver what was
     /// published meanwhile; where history cannot tell, ask sockets to resync.
+    /// A read that fails (a failover still settling: the slot map moving
+    /// under the client) is retried in a few short rounds before its
+    /// restaurant is told to resync: a resync costs every dashboard of the
+    /// restaurant a snapshot, and a failover touches every restaurant of
+    /// the shard at once.
     async fn fill_gaps(&self) {
-        let restaurants = self.inner.hub.restaurants();
-        for r in restaurants {
-            let position = lock(&self.inner.positions).get(&r).copied();
-            let Some(position) = position else {
-                // Subscribed without learning where the stream stood.
-                let frame =
-                    Frame::resync("events may have been missed while the broker was unreachable");
-                self.inner.hub.broadcast(r, &frame);
-                continue;
-            };
-            match self.inner.backend.history_after(r, position).await {
-                Ok(History::Events(frames)) => {
-                    for f in frames {
-                        self.dispatch_one(r, f);
+        const ROUNDS: u32 = 3;
+        let mut pending = self.inner.hub.restaurants();
+        for round in 0..ROUNDS {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << round)).await;
+            }
+            let mut failed = Vec::new();
+            for r in pending {
+                if let Err(e) = self.fill_gap(r).await {
+                    if round + 1 == ROUNDS {
+                        tracing::warn!(restaurant_id = %r, error = %e, "gap fill failed; asking sockets to resync");
+                        let frame = Frame::resync(
+                            "events may have been missed while the broker was unreachable",
+                        );
+                        self.inner.hub.broadcast(r, &frame);
+                    } else {
+                        failed.push(r);
                     }
                 }
-                Ok(History::Gone) => {
-                    let frame = Frame::resync("history was lost while the broker was unreachable");
-                    self.inner.hub.broadcast(r, &frame);
-                }
-                Err(e) => {
-                    tracing::warn!(restaurant_id = %r, error = %e, "gap fill failed; asking sockets to resync");
-                    let frame = Frame::resync(
-                        "events may have been missed while the broker was unreachable",
-                    );
-                    self.inner.hub.broadcast(r, &frame);
+            }
+            if failed.is_empty() {
+                return;
+            }
+            pending = failed;
+        }
+    }
+
+    /// One restaurant's gap: replayed, or a resync when history is gone;
+    /// an error when history could not be read.
+    async fn fill_gap(&self, r: RestaurantId) -> Result<(), BrokerError> {
+        let position = lock(&self.inner.positions).get(&r).copied();
+        let Some(position) = position else {
+            // Subscribed without learning where the stream stood.
+            let frame =
+                Frame::resync("events may have been missed while the broker was unreachable");
+            self.inner.hub.broadcast(r, &frame);
+            return Ok(());
+        };
+        match self.inner.backend.history_after(r, position).await? {
+            History::Events(frames) => {
+                for f in frames {
+                    self.dispatch_one(r, f);
                 }
             }
+            History::Gone => {
+                let frame = Frame::resync("history was lost while the broker was unreachable");
+                self.inner.hub.broadcast(r, &frame);
+            }
         }
+        Ok(())
     }
 
     /// Heartbeats and lazy unsubscribes, until shutdown.
