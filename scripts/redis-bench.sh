@@ -11,11 +11,13 @@
 # Then the failover gap (FAILOVER_ROUNDS, default 3, each on fresh servers):
 # a cluster primary SIGKILLed (cluster-node-timeout NODE_TIMEOUT_MS, default
 # 2000) and a Sentinel master SIGKILLed (down-after-milliseconds the same),
-# each while a publish goes out every 10 ms.
+# each while a publish goes out every 10 ms. ONLY=failover skips the
+# throughput runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 events=${1:-20000}
+only=${ONLY:-all}
 concurrency=${2:-64}
 restaurants=${3:-200}
 profile=${PROFILE:-release}
@@ -48,6 +50,7 @@ start() { # port [extra args...]
   until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
 }
 
+if [ "$only" != failover ]; then
 # One node.
 start 17000
 "$bench" --mode single --urls redis://127.0.0.1:17000 \
@@ -76,6 +79,7 @@ until redis-cli -p 17008 info replication | grep -q master_link_status:up; do sl
 "$bench" --mode single --urls redis://127.0.0.1:17007,redis://127.0.0.1:17008 \
   --events "$events" --concurrency "$concurrency" --restaurants "$restaurants"
 stop_all
+fi
 
 cluster() { # base port: 6 nodes base..base+5
   local b=$1 nodes=()

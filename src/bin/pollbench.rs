@@ -363,8 +363,21 @@ async fn latency(a: LatencyArgs) -> anyhow::Result<()> {
         .context("a follower")?;
     let restaurant = Uuid::new_v4();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let reader = tokio::spawn(read_dashboard(listen.addr, restaurant, 0, tx));
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let reader = tokio::spawn(read_dashboard(
+        listen.addr,
+        restaurant,
+        0,
+        tx,
+        Some(ready_tx),
+    ));
     wait_watched(&redis, restaurant).await?;
+    // Commits start once the dashboard has its snapshot: an order committed
+    // while it connects is shown by the snapshot, not as an event, and would
+    // count as missing here.
+    tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .context("the dashboard's snapshot")??;
     if !a.rates.is_empty() {
         let leader = replicas
             .iter()
@@ -781,7 +794,7 @@ async fn failover(a: FailoverArgs) -> anyhow::Result<()> {
         let readers: Vec<_> = replicas
             .iter()
             .enumerate()
-            .map(|(i, r)| tokio::spawn(read_dashboard(r.addr, restaurant, i, tx.clone())))
+            .map(|(i, r)| tokio::spawn(read_dashboard(r.addr, restaurant, i, tx.clone(), None)))
             .collect();
         let (epoch, holder) = wait_leader(&redis, None).await?;
         // Steady state: the dashboards receive.
@@ -1130,12 +1143,14 @@ struct Received {
     at: Instant,
 }
 
-/// One dashboard: forwards every order event's arrival time.
+/// One dashboard: forwards every order event's arrival time, and says
+/// when its first snapshot arrived (`ready`).
 async fn read_dashboard(
     addr: SocketAddr,
     restaurant: Uuid,
     replica: usize,
     tx: mpsc::UnboundedSender<Received>,
+    mut ready: Option<tokio::sync::oneshot::Sender<()>>,
 ) {
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
@@ -1165,6 +1180,11 @@ async fn read_dashboard(
         let Ok(v) = serde_json::from_str::<Value>(&text) else {
             continue;
         };
+        if v["type"] == "snapshot"
+            && let Some(ready) = ready.take()
+        {
+            let _ = ready.send(());
+        }
         if !v["type"].as_str().is_some_and(|t| t.starts_with("order_")) {
             continue;
         }

@@ -219,8 +219,11 @@ async fn owner_port(args: &Args, urls: &[String], r: RestaurantId) -> anyhow::Re
             redis::from_redis_value(parts[1].clone())?,
         );
         if from <= slot && slot <= to {
-            let (_, port): (String, u16) = redis::from_redis_value(parts[2].clone())?;
-            return Ok(port);
+            // [ip, port, id, metadata]
+            let redis::Value::Array(node) = &parts[2] else {
+                anyhow::bail!("unexpected CLUSTER SLOTS entry")
+            };
+            return Ok(redis::from_redis_value(node[1].clone())?);
         }
     }
     anyhow::bail!("no node owns slot {slot}")

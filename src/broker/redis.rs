@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use deadpool_redis::redis::{self, FromRedisValue, aio::PubSubSink};
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::functions::{
@@ -362,14 +362,28 @@ async fn receive(
         let endpoint = match master.verify().await {
             Ok(ep) => ep,
             Err(e) => {
-                retry_later(&subs, &mut attempt, &e.to_string(), &shutdown).await;
+                retry_later(
+                    &subs,
+                    &mut master_changed,
+                    &mut attempt,
+                    &e.to_string(),
+                    &shutdown,
+                )
+                .await;
                 continue;
             }
         };
         let client = match redis::Client::open(endpoint.url.as_str()) {
             Ok(c) => c,
             Err(e) => {
-                retry_later(&subs, &mut attempt, &e.to_string(), &shutdown).await;
+                retry_later(
+                    &subs,
+                    &mut master_changed,
+                    &mut attempt,
+                    &e.to_string(),
+                    &shutdown,
+                )
+                .await;
                 continue;
             }
         };
@@ -380,17 +394,38 @@ async fn receive(
         let pubsub = match connected {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
-                retry_later(&subs, &mut attempt, &e.to_string(), &shutdown).await;
+                retry_later(
+                    &subs,
+                    &mut master_changed,
+                    &mut attempt,
+                    &e.to_string(),
+                    &shutdown,
+                )
+                .await;
                 continue;
             }
             Err(_) => {
-                retry_later(&subs, &mut attempt, "connect timed out", &shutdown).await;
+                retry_later(
+                    &subs,
+                    &mut master_changed,
+                    &mut attempt,
+                    "connect timed out",
+                    &shutdown,
+                )
+                .await;
                 continue;
             }
         };
         let (mut sink, mut stream) = pubsub.split();
         if let Err(e) = timed(sink.subscribe(&probe.channel)).await {
-            retry_later(&subs, &mut attempt, &e.to_string(), &shutdown).await;
+            retry_later(
+                &subs,
+                &mut master_changed,
+                &mut attempt,
+                &e.to_string(),
+                &shutdown,
+            )
+            .await;
             continue;
         }
         // Publish the sink before reading `wanted`: a concurrent subscribe
@@ -407,7 +442,14 @@ async fn receive(
         }
         if !restored {
             subs.set_sink(None);
-            retry_later(&subs, &mut attempt, "resubscribe failed", &shutdown).await;
+            retry_later(
+                &subs,
+                &mut master_changed,
+                &mut attempt,
+                "resubscribe failed",
+                &shutdown,
+            )
+            .await;
             continue;
         }
         attempt = 0;
@@ -537,8 +579,12 @@ async fn relay(
     }
 }
 
+/// Back off before the next connect; a new master named by Sentinel ends
+/// the wait at once (after a failover the old address only refuses, and
+/// the backoff grown meanwhile would delay delivery by up to its cap).
 async fn retry_later(
     subs: &Subscriptions,
+    master_changed: &mut watch::Receiver<u64>,
     attempt: &mut u32,
     why: &str,
     shutdown: &CancellationToken,
@@ -557,6 +603,7 @@ async fn retry_later(
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = tokio::time::sleep(delay) => {}
+        Ok(()) = master_changed.changed() => *attempt = 0,
     }
 }
 
