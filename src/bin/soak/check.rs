@@ -465,6 +465,18 @@ pub fn judge(
 }
 
 /// Differences between a board and the database's open orders.
+/// The database's content under a later version than its `updated_at`: the
+/// poller republishes a row whose `updated_at` went backwards — a trigger
+/// stamping `now()`, or a database that lost its latest commits (the soak's
+/// own PostgreSQL runs with `fsync=off`, so `pg-restart -m immediate` can roll
+/// rows back) — 1 µs after the newest version it published
+/// (`orders_gateway_poller_restamped_total`), so that boards, which never go
+/// back to an older version, take the change. Same status and items, later
+/// version: converged.
+fn restamped(shown: &Shown, db: &Shown) -> bool {
+    shown.version > db.version && shown.status == db.status && shown.items == db.items
+}
+
 pub fn diff_view(view: &HashMap<Uuid, Shown>, want: &HashMap<Uuid, Shown>) -> Vec<(Uuid, String)> {
     let mut out = Vec::new();
     for (id, w) in want {
@@ -477,7 +489,7 @@ pub fn diff_view(view: &HashMap<Uuid, Shown>, want: &HashMap<Uuid, Shown>) -> Ve
                     fmt_micros(w.version)
                 ),
             )),
-            Some(s) if s != w => out.push((
+            Some(s) if s != w && !restamped(s, w) => out.push((
                 *id,
                 format!(
                     "shows {} v={} items={:?}, database {} v={} items={:?}",
