@@ -273,9 +273,16 @@ impl OwnCluster {
     /// `pg_ctl <action>` with the soak's settings; waits for completion.
     pub fn pg_ctl(&self, action: &[&str]) -> anyhow::Result<()> {
         let sock_dir = self.data.parent().unwrap_or(&self.data);
+        // `synchronous_commit=on`: a commit is acknowledged only once its WAL
+        // is written, so `pg-restart -m immediate` (a crash of the server's
+        // processes) loses nothing it acknowledged, as in production. With it
+        // off, the restart rolled rows back below the poller's cursor, which
+        // change capture by `updated_at` cannot see (docs/RELIABILITY.md).
+        // `fsync=off` stays: the OS keeps what was written across a process
+        // crash, and the soak never crashes the OS.
         let opts = format!(
             "-c listen_addresses=127.0.0.1 -p {} -k {} -c max_connections=200 -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off",
+             -c synchronous_commit=on -c full_page_writes=off",
             self.port,
             sock_dir.display()
         );
