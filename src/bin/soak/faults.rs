@@ -65,6 +65,15 @@ pub enum RedisMode {
     Cluster,
 }
 
+impl RedisMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RedisMode::Single => "single",
+            RedisMode::Cluster => "cluster",
+        }
+    }
+}
+
 impl Kind {
     pub fn name(self) -> &'static str {
         match self {
@@ -458,7 +467,8 @@ impl Injector {
         let t1 = self.clock.t();
         cluster.wait_healthy(CLUSTER_WAIT).await?;
         Ok(format!(
-            "primary :{} ({} slots) SIGKILLed; replica :{} promoted after {took:.1} s;              restarted after {pause} ms, in sync as a replica {:.1} s later",
+            "primary :{} ({} slots) SIGKILLed; replica :{} promoted after {took:.1} s; \
+             restarted after {pause} ms, in sync as a replica {:.1} s later",
             victim.port,
             victim.slot_count(),
             promoted.port,

@@ -222,18 +222,15 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         anyhow::bail!(
             "--faults {}: not possible with --redis {} (allowed: {})",
             refused.join(","),
-            match args.redis {
-                RedisMode::Single => "single",
-                RedisMode::Cluster => "cluster",
-            },
+            args.redis.name(),
             allowed.join(",")
         );
     }
     std::fs::create_dir_all(&work)?;
     println!(
-        "[soak] seed={seed} redis={:?} duration={}s replicas={} restaurants={} dashboards={} \
+        "[soak] seed={seed} redis={} duration={}s replicas={} restaurants={} dashboards={} \
          rate={}/s fault every ~{}s; work dir {}",
-        args.redis,
+        args.redis.name(),
         args.duration,
         args.replicas,
         args.restaurants,
