@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use futures_util::future::join_all;
-use redis::cluster::ClusterClientBuilder;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, mpsc};
@@ -55,6 +55,11 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// A probe not heard back within this time means that node's link is deaf.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 const PROBE_PREFIX: &str = "og:probe:";
+/// Resubscriptions timing out this many times in a row mean the cluster
+/// connection itself stopped answering (the redis crate was seen stuck in a
+/// slot refresh that never ended, every command on it timing out, for
+/// minutes): the restorer then replaces it with a new one.
+const TIMEOUTS_BEFORE_RECONNECT: u32 = 2;
 
 /// Hash slot of a key or channel: CRC16-XMODEM of its hash tag, mod 16384.
 pub fn key_slot(key: &str) -> u16 {
@@ -86,8 +91,37 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 
 /// Cluster connection plus sharded subscriptions.
 pub struct ShardedPubSub {
-    conn: ClusterConnection,
+    conn: Arc<ConnCell>,
     shared: Arc<Shared>,
+}
+
+/// The cluster connection everybody clones for each call, and the client
+/// that makes a new one when it stops answering. Std mutex: held for a
+/// clone or a swap, never across an await.
+struct ConnCell {
+    client: ClusterClient,
+    current: Mutex<ClusterConnection>,
+}
+
+impl ConnCell {
+    fn get(&self) -> ClusterConnection {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A new connection in place of the current one (whose clones die with
+    /// the calls that hold them).
+    async fn reconnect(&self) -> Result<(), BrokerError> {
+        let conn = tokio::time::timeout(COMMAND_TIMEOUT * 2, self.client.get_async_connection())
+            .await
+            .map_err(|_| unavailable("Redis Cluster: connect timed out"))?
+            .map_err(unavailable)?;
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+        metrics::counter!("orders_gateway_redis_cluster_reconnects_total").increment(1);
+        Ok(())
+    }
 }
 
 /// What the receiver and the subscribe calls share.
@@ -201,6 +235,10 @@ impl ShardedPubSub {
             .await
             .map_err(|_| unavailable("Redis Cluster: connect timed out"))?
             .map_err(unavailable)?;
+        let conn = Arc::new(ConnCell {
+            client,
+            current: Mutex::new(conn),
+        });
         let me = ShardedPubSub { conn, shared };
         let (restored_tx, restored_rx) = mpsc::channel(4);
         tasks.spawn(
@@ -235,12 +273,12 @@ impl ShardedPubSub {
     }
 
     pub fn conn(&self) -> ClusterConnection {
-        self.conn.clone()
+        self.conn.get()
     }
 
     pub async fn subscribe(&self, r: RestaurantId) -> Result<(), BrokerError> {
         self.shared.wanted().insert(r);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         timed(conn.ssubscribe(r.channel())).await
     }
 
@@ -252,7 +290,7 @@ impl ShardedPubSub {
 
     pub async fn unsubscribe(&self, r: RestaurantId) -> Result<(), BrokerError> {
         self.shared.wanted().remove(&r);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         timed(conn.sunsubscribe(r.channel())).await
     }
 }
@@ -423,7 +461,7 @@ fn heard_probe(shared: &Shared, data: &[Value]) -> bool {
 /// not come back within [`PROBE_TIMEOUT`] means that node's link is deaf
 /// even though its connection looks open: restore.
 async fn prober(
-    conn: ClusterConnection,
+    cell: Arc<ConnCell>,
     shared: Arc<Shared>,
     prefix: String,
     shutdown: CancellationToken,
@@ -436,6 +474,8 @@ async fn prober(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // Taken anew each round: the restorer may have replaced it.
+        let conn = cell.get();
         if let Some(now) = slot_owners(&conn).await
             && owners.as_ref() != Some(&now)
         {
@@ -542,7 +582,7 @@ fn probe_channels(prefix: &str, owners: &[(i64, i64, String)]) -> HashSet<String
 /// have the receiver tell the node to gap-fill. A disruption during a restore (the `Notify`
 /// keeps one permit) triggers one more.
 async fn restorer(
-    conn: ClusterConnection,
+    cell: Arc<ConnCell>,
     shared: Arc<Shared>,
     restored: mpsc::Sender<u64>,
     shutdown: CancellationToken,
@@ -558,7 +598,7 @@ async fn restorer(
         // Give the cluster a moment to settle (a failover announces itself
         // in pieces), then restore.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if !restore(&conn, &shared, &shutdown).await {
+        if !restore(&cell, &shared, &shutdown).await {
             return;
         }
         shared.restoring.store(false, Ordering::Relaxed);
@@ -571,17 +611,33 @@ async fn restorer(
 }
 
 /// Resubscribe until it works (or shutdown: false).
-async fn restore(conn: &ClusterConnection, shared: &Shared, shutdown: &CancellationToken) -> bool {
+async fn restore(cell: &ConnCell, shared: &Shared, shutdown: &CancellationToken) -> bool {
     let mut attempt = 0u32;
+    let mut timeouts = 0u32;
     loop {
         // Cleared first: an overflow during the resubscription triggers another.
         shared.overflowed.store(false, Ordering::Release);
-        match resubscribe_all(conn, shared).await {
+        if timeouts >= TIMEOUTS_BEFORE_RECONNECT {
+            timeouts = 0;
+            tracing::warn!("Redis Cluster connection not answering; connecting again");
+            if let Err(e) = cell.reconnect().await {
+                tracing::warn!(error = %e, "Redis Cluster reconnect failed");
+            }
+        }
+        match resubscribe_all(&cell.get(), shared).await {
             Ok(slots) => {
                 tracing::info!(slots, "Redis Cluster subscriptions restored");
                 return true;
             }
             Err(e) => {
+                // Ours ("Redis command timed out") or the crate's ("timed
+                // out"): the connection did not answer, as opposed to the
+                // cluster answering with an error (failover, slot move).
+                if e.to_string().contains("timed out") {
+                    timeouts += 1;
+                } else {
+                    timeouts = 0;
+                }
                 let delay = backoff(attempt);
                 if attempt.is_multiple_of(10) {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Redis Cluster resubscribe failed");

@@ -358,13 +358,18 @@ impl Poller {
                     .map(|(id, r)| (RestaurantId(r), id)),
             );
         }
-        // Only orders some board may show: known ones. A deletion of an
-        // order never seen (created and deleted between two ticks) or long
-        // closed is nobody's news.
+        // Every one of them may be on a board. A tombstone is left only for
+        // an order open when deleted, and this poller not knowing the order
+        // does not mean no board shows it: the order service may have
+        // published it through the publish endpoint before it was deleted
+        // and before any tick read the row (created and deleted between two
+        // ticks, or while no leader was polling). Skipping unknown ones left
+        // such an order on every board for good. A deletion nobody showed
+        // costs dashboards one ignored event; one published already comes
+        // back from Redis as a duplicate (the version key of the order).
+        // Reconciled ones are known open orders by construction; closed
+        // orders leave no tombstone, so their deletions stay nobody's news.
         for (r, id) in gone {
-            if !progress.known.get(&r).is_some_and(|k| k.contains_key(&id)) {
-                continue;
-            }
             let body = serde_json::to_string(&EventBody {
                 kind: EventKind::OrderDeleted,
                 previous_status: None,

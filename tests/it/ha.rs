@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::support::free_port;
+use crate::support::{TcpProxy, free_port};
 
 /// One redis-server (or sentinel) process we started.
 struct Proc {
@@ -151,12 +151,27 @@ pub struct NodeInfo {
 pub struct RedisCluster {
     nodes: Vec<Proc>,
     dir: PathBuf,
+    /// With [`RedisCluster::start_behind_proxies`], one per node: the
+    /// address each node announces to clients (`cluster-announce-port`).
+    proxies: Vec<TcpProxy>,
 }
 
 impl RedisCluster {
     /// Three primaries with one replica each, every slot covered, replicas
     /// in sync: ready for traffic and for failovers.
     pub async fn start() -> RedisCluster {
+        Self::start_with(false).await
+    }
+
+    /// [`RedisCluster::start`], each node announcing a [`TcpProxy`] in
+    /// front of it as its address: clients (and replication) go through
+    /// the proxies, which can freeze the connections open now
+    /// ([`RedisCluster::stall_clients`]) while new ones work.
+    pub async fn start_behind_proxies() -> RedisCluster {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(proxied: bool) -> RedisCluster {
         let dir = scratch_dir("cluster");
         let mut nodes = Vec::new();
         for _ in 0..6 {
@@ -192,7 +207,22 @@ impl RedisCluster {
             };
             nodes.push(spawn_on_free_ports(node_args).await);
         }
-        let cluster = RedisCluster { nodes, dir };
+        let mut proxies = Vec::new();
+        if proxied {
+            for n in &nodes {
+                let proxy = TcpProxy::start(n.port).await;
+                let port = proxy.port.to_string();
+                node_cmd(n.port, &["CONFIG", "SET", "cluster-announce-port", &port])
+                    .await
+                    .expect("CONFIG SET cluster-announce-port");
+                proxies.push(proxy);
+            }
+        }
+        let cluster = RedisCluster {
+            nodes,
+            dir,
+            proxies,
+        };
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(cluster.ports().iter().map(|p| format!("127.0.0.1:{p}")));
         args.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
@@ -215,13 +245,28 @@ impl RedisCluster {
         self.nodes.iter().map(|n| n.port).collect()
     }
 
-    /// `REDIS_CLUSTER_URLS` for the gateway: every node as a seed.
+    /// `REDIS_CLUSTER_URLS` for the gateway: every node as a seed (its
+    /// proxy, when behind proxies).
     pub fn urls(&self) -> String {
-        self.ports()
+        let ports = if self.proxies.is_empty() {
+            self.ports()
+        } else {
+            self.proxies.iter().map(|p| p.port).collect()
+        };
+        ports
             .iter()
             .map(|p| format!("redis://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Behind proxies: freeze every client connection open now (no byte
+    /// moves, sockets stay open); new connections work.
+    pub fn stall_clients(&self) {
+        assert!(!self.proxies.is_empty(), "started behind proxies");
+        for p in &self.proxies {
+            p.stall();
+        }
     }
 
     pub fn seeds(&self) -> Vec<String> {
@@ -236,11 +281,18 @@ impl RedisCluster {
             .collect()
     }
 
-    /// The cluster as a live node sees it.
+    /// The cluster as a live node sees it (ports are the nodes' own, also
+    /// behind proxies).
     pub async fn topology(&self) -> Vec<NodeInfo> {
         for port in self.alive_ports() {
             if let Some(text) = node_text(port, &["CLUSTER", "NODES"]).await {
-                return parse_nodes(&text);
+                let mut nodes = parse_nodes(&text);
+                for n in &mut nodes {
+                    if let Some(i) = self.proxies.iter().position(|p| p.port == n.port) {
+                        n.port = self.nodes[i].port;
+                    }
+                }
+                return nodes;
             }
         }
         panic!("no live cluster node answers CLUSTER NODES");

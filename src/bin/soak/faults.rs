@@ -2,13 +2,21 @@
 
 use std::time::Duration;
 
+use anyhow::bail;
+use orders_gateway::broker::cluster::key_slot;
+use orders_gateway::domain::RestaurantId;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 use tokio::sync::watch;
+use uuid::Uuid;
 
 use crate::Clock;
-use crate::infra::{Postgres, Redis, Replica, ReplicaSpec};
+use crate::infra::{CLUSTER_PRIMARIES, Postgres, Redis, RedisCluster, Replica, ReplicaSpec};
+
+/// How long a cluster fault may wait for a promotion, a failover or the
+/// cluster to be whole again before it counts as an injection error.
+const CLUSTER_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Kind {
@@ -38,6 +46,32 @@ pub enum Kind {
     /// Every dashboard of one restaurant goes away for longer than the
     /// presence TTL, then resumes with its cursor.
     DashboardsAway,
+    /// Redis Cluster: SIGKILL a random primary, wait for its replica to be
+    /// promoted, start the killed node again (it rejoins as a replica).
+    ClusterKillPrimary,
+    /// Redis Cluster: `CLUSTER FAILOVER` on a random replica (graceful).
+    ClusterFailover,
+    /// Redis Cluster: move a restaurant's channel slot and a few more from
+    /// its primary to another one.
+    ClusterReshard,
+}
+
+/// Which Redis the soak runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisMode {
+    /// One redis-server behind a proxy per replica (`REDIS_URL`).
+    Single,
+    /// A Redis Cluster of 3 primaries + 3 replicas (`REDIS_CLUSTER_URLS`).
+    Cluster,
+}
+
+impl RedisMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RedisMode::Single => "single",
+            RedisMode::Cluster => "cluster",
+        }
+    }
 }
 
 impl Kind {
@@ -54,13 +88,51 @@ impl Kind {
             Kind::ProxyDeaf => "proxy-deaf",
             Kind::PgRestart => "pg-restart",
             Kind::DashboardsAway => "dashboards-away",
+            Kind::ClusterKillPrimary => "cluster-kill-primary",
+            Kind::ClusterFailover => "cluster-failover",
+            Kind::ClusterReshard => "cluster-reshard",
         }
     }
 
-    pub fn all() -> Vec<Kind> {
-        use clap::ValueEnum;
-        Kind::value_variants().to_vec()
+    /// Faults that need the single redis-server and its proxies.
+    pub fn single_only(self) -> bool {
+        matches!(
+            self,
+            Kind::RedisRestart
+                | Kind::RedisRollback
+                | Kind::RedisWipe
+                | Kind::ProxyPartition
+                | Kind::ProxyDeaf
+        )
     }
+
+    /// Faults that need the Redis Cluster.
+    pub fn cluster_only(self) -> bool {
+        matches!(
+            self,
+            Kind::ClusterKillPrimary | Kind::ClusterFailover | Kind::ClusterReshard
+        )
+    }
+
+    /// Every kind the mode can inject, in declaration order (the seed picks
+    /// by index: single mode keeps the list it always had).
+    pub fn all(mode: RedisMode) -> Vec<Kind> {
+        use clap::ValueEnum;
+        Kind::value_variants()
+            .iter()
+            .copied()
+            .filter(|k| match mode {
+                RedisMode::Single => !k.cluster_only(),
+                RedisMode::Cluster => !k.single_only(),
+            })
+            .collect()
+    }
+}
+
+/// The Redis the injector breaks.
+pub enum Backend {
+    Single(Redis),
+    Cluster(RedisCluster),
 }
 
 #[derive(Clone, Debug)]
@@ -87,8 +159,10 @@ pub struct Injector {
     pub every: f64,
     pub replicas: Vec<Replica>,
     pub spec: ReplicaSpec,
-    pub redis: Redis,
+    pub redis: Backend,
     pub postgres: Postgres,
+    /// The restaurants, to pick a channel slot to reshard.
+    pub restaurants: Vec<Uuid>,
     pub away: Vec<watch::Sender<f64>>,
     pub presence_ttl: Duration,
     pub leader_ttl: Duration,
@@ -118,9 +192,11 @@ impl Injector {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 self.watch_crashes().await;
                 self.watch_leader().await;
-                if self.clock.t() >= next_save {
+                if self.clock.t() >= next_save
+                    && let Backend::Single(redis) = &self.redis
+                {
                     // The point a rollback returns to.
-                    let _ = self.redis.cmd(&["BGSAVE"]).await;
+                    let _ = redis.cmd(&["BGSAVE"]).await;
                     next_save = self.clock.t() + 5.0;
                 }
             }
@@ -282,22 +358,24 @@ impl Injector {
                 ))
             }
             Kind::RedisRestart => {
-                self.redis.restart_clean().await?;
+                self.single()?.restart_clean().await?;
                 Ok("data kept".into())
             }
             Kind::RedisRollback => {
-                self.redis.restart_rolled_back().await?;
+                self.single()?.restart_rolled_back().await?;
                 Ok("back to the last BGSAVE (≤ 5 s old)".into())
             }
             Kind::RedisWipe => {
-                self.redis.restart_empty().await?;
+                self.single()?.restart_empty().await?;
                 Ok("all data lost".into())
             }
             Kind::ProxyPartition => {
                 let (i, _) = self.pick(false).await;
                 let ms = self.rng.random_range(2000..8000);
                 let drop_stalled = self.rng.random_bool(0.5);
-                let proxy = self.replicas[i].proxy.clone();
+                let Some(proxy) = self.replicas[i].proxy.clone() else {
+                    bail!("no proxy in front of Redis (single mode only)");
+                };
                 proxy.partition();
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 proxy.heal(drop_stalled);
@@ -313,7 +391,10 @@ impl Injector {
             }
             Kind::ProxyDeaf => {
                 let (i, _) = self.pick(false).await;
-                let n = self.replicas[i].proxy.deafen_pubsub();
+                let Some(proxy) = &self.replicas[i].proxy else {
+                    bail!("no proxy in front of Redis (single mode only)");
+                };
+                let n = proxy.deafen_pubsub();
                 Ok(format!(
                     "r{i} {}: {n} pub/sub connection(s) deaf for good",
                     self.replicas[i].instance_id
@@ -338,7 +419,123 @@ impl Injector {
                 self.away[r].send_replace(self.clock.t() + secs);
                 Ok(format!("restaurant {r} away {secs:.1} s"))
             }
+            Kind::ClusterKillPrimary | Kind::ClusterFailover | Kind::ClusterReshard => {
+                // A fault starts from a whole cluster (an earlier one may
+                // have timed out waiting for it).
+                if let Backend::Cluster(cluster) = &mut self.redis {
+                    cluster.wait_healthy(CLUSTER_WAIT).await?;
+                }
+                match kind {
+                    Kind::ClusterKillPrimary => self.cluster_kill_primary().await,
+                    Kind::ClusterFailover => self.cluster_failover().await,
+                    _ => self.cluster_reshard().await,
+                }
+            }
         }
+    }
+
+    fn single(&mut self) -> anyhow::Result<&mut Redis> {
+        match &mut self.redis {
+            Backend::Single(r) => Ok(r),
+            Backend::Cluster(_) => bail!("a single-node fault (not with --redis cluster)"),
+        }
+    }
+
+    /// SIGKILL a primary, wait for the promotion, start the node again after
+    /// a pause and wait until it has rejoined as a replica in sync: the
+    /// cluster is back to 3 primaries + 3 replicas before the next fault.
+    async fn cluster_kill_primary(&mut self) -> anyhow::Result<String> {
+        let Backend::Cluster(cluster) = &mut self.redis else {
+            bail!("a cluster fault (needs --redis cluster)");
+        };
+        let primaries = cluster.primaries().await?;
+        if primaries.is_empty() {
+            bail!("no live primary");
+        }
+        let victim = primaries[self.rng.random_range(0..primaries.len())].clone();
+        let pause = self.rng.random_range(300..2000);
+        let slot = victim.slots[0].0;
+        let t0 = self.clock.t();
+        cluster.kill(victim.port);
+        let promoted = cluster.wait_promoted(slot, &victim.id, CLUSTER_WAIT).await;
+        let took = self.clock.t() - t0;
+        // Started again even when no promotion came (then it takes its
+        // slots back itself).
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        cluster.restart(victim.port).await?;
+        let promoted = promoted?;
+        let t1 = self.clock.t();
+        cluster.wait_healthy(CLUSTER_WAIT).await?;
+        Ok(format!(
+            "primary :{} ({} slots) SIGKILLed; replica :{} promoted after {took:.1} s; \
+             restarted after {pause} ms, in sync as a replica {:.1} s later",
+            victim.port,
+            victim.slot_count(),
+            promoted.port,
+            self.clock.t() - t1
+        ))
+    }
+
+    /// `CLUSTER FAILOVER` on a random replica; waits until the cluster is
+    /// whole again (the old primary follows as a replica).
+    async fn cluster_failover(&mut self) -> anyhow::Result<String> {
+        let Backend::Cluster(cluster) = &mut self.redis else {
+            bail!("a cluster fault (needs --redis cluster)");
+        };
+        let replicas = cluster.replicas().await?;
+        if replicas.is_empty() {
+            bail!("no live replica");
+        }
+        let node = replicas[self.rng.random_range(0..replicas.len())].clone();
+        let t0 = self.clock.t();
+        cluster.failover(node.port, CLUSTER_WAIT).await?;
+        let took = self.clock.t() - t0;
+        cluster.wait_healthy(CLUSTER_WAIT).await?;
+        let slots = cluster
+            .primaries()
+            .await?
+            .into_iter()
+            .find(|n| n.id == node.id)
+            .map(|n| n.slot_count())
+            .unwrap_or(0);
+        Ok(format!(
+            "replica :{} took over {slots} slots after {took:.1} s",
+            node.port
+        ))
+    }
+
+    /// Move the channel slot of a random restaurant (with its history,
+    /// numbering and dedup keys, all tagged `{orders:<rid>}`) to another
+    /// primary by the SETSLOT/MIGRATE steps, then a few more slots of the
+    /// same primary with `redis-cli --cluster reshard`.
+    async fn cluster_reshard(&mut self) -> anyhow::Result<String> {
+        let Backend::Cluster(cluster) = &mut self.redis else {
+            bail!("a cluster fault (needs --redis cluster)");
+        };
+        if self.restaurants.is_empty() {
+            bail!("no restaurant");
+        }
+        let ri = self.rng.random_range(0..self.restaurants.len());
+        let slot = key_slot(&RestaurantId(self.restaurants[ri]).channel());
+        let more = self.rng.random_range(2..=8u32);
+        let to_pick = self.rng.random_range(0..CLUSTER_PRIMARIES - 1);
+        let primaries = cluster.primaries().await?;
+        let Some(from) = primaries.iter().find(|n| n.owns(slot)).cloned() else {
+            bail!("no primary owns slot {slot}");
+        };
+        let others: Vec<_> = primaries.iter().filter(|n| n.id != from.id).collect();
+        if others.is_empty() {
+            bail!("no other primary");
+        }
+        let to = others[to_pick % others.len()].clone();
+        let keys = cluster.move_slot(slot, &from, &to).await?;
+        cluster.wait_healthy(CLUSTER_WAIT).await?;
+        cluster.reshard(&from, &to, more).await?;
+        cluster.wait_healthy(CLUSTER_WAIT).await?;
+        Ok(format!(
+            "slot {slot} (restaurant {ri}, {keys} keys) and {more} more from :{} to :{}",
+            from.port, to.port
+        ))
     }
 
     /// End of the fault phase: everything running and connected again
@@ -346,7 +543,14 @@ impl Injector {
     pub async fn heal_all(&mut self) {
         for r in &self.replicas {
             r.send("CONT");
-            r.proxy.heal(false);
+            if let Some(p) = &r.proxy {
+                p.heal(false);
+            }
+        }
+        if let Backend::Cluster(cluster) = &mut self.redis
+            && let Err(e) = cluster.heal().await
+        {
+            self.errors.push(format!("cluster heal: {e:#}"));
         }
         self.watch_crashes().await;
     }

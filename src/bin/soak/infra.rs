@@ -1,7 +1,8 @@
-//! What the soak runs and breaks: a private redis-server, a throwaway
-//! PostgreSQL (a database on a given server, or a cluster of its own), one
-//! loopback TCP proxy per replica in front of Redis, and the gateway
-//! replicas as real processes. Every child is killed when its guard drops.
+//! What the soak runs and breaks: a private redis-server (or a private
+//! Redis Cluster of 3 primaries + 3 replicas), a throwaway PostgreSQL (a
+//! database on a given server, or a cluster of its own), one loopback TCP
+//! proxy per replica in front of the single Redis, and the gateway replicas
+//! as real processes. Every child is killed when its guard drops.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -40,6 +41,35 @@ fn is_root() -> bool {
 
 // ---------------------------------------------------------------- Redis
 
+/// One command to one server on loopback (not cluster-aware: no redirects).
+pub async fn node_cmd(port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| redis::RedisError::from(std::io::Error::other("connect timeout")))??;
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    tokio::time::timeout(Duration::from_secs(5), cmd.query_async(&mut conn))
+        .await
+        .map_err(|_| redis::RedisError::from(std::io::Error::other("command timeout")))?
+}
+
+/// A command's reply as text (`CLUSTER INFO`, `CLUSTER NODES`, `INFO`).
+pub async fn node_text(port: u16, args: &[&str]) -> Option<String> {
+    match node_cmd(port, args).await.ok()? {
+        redis::Value::BulkString(b) => String::from_utf8(b).ok(),
+        redis::Value::VerbatimString { text, .. } => Some(text),
+        redis::Value::SimpleString(s) => Some(s),
+        redis::Value::Okay => Some("OK".into()),
+        _ => None,
+    }
+}
+
 /// A private redis-server. Its RDB file lives in the work directory so a
 /// restart can keep the data (clean restart), roll it back to the last
 /// periodic `BGSAVE` (what an async replica promotion or a restore does), or
@@ -59,10 +89,6 @@ impl Redis {
         };
         r.spawn().await?;
         Ok(r)
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
@@ -91,20 +117,7 @@ impl Redis {
     }
 
     pub async fn cmd(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(self.url())?;
-        let mut conn = tokio::time::timeout(
-            Duration::from_secs(2),
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .map_err(|_| redis::RedisError::from(std::io::Error::other("connect timeout")))??;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        tokio::time::timeout(Duration::from_secs(5), cmd.query_async(&mut conn))
-            .await
-            .map_err(|_| redis::RedisError::from(std::io::Error::other("command timeout")))?
+        node_cmd(self.port, args).await
     }
 
     fn kill(&mut self) {
@@ -149,6 +162,499 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+// ---------------------------------------------------------------- Redis Cluster
+
+/// Failure detection of the soak's cluster: short enough that a killed
+/// primary is replaced within seconds, long enough that a busy 2-core
+/// machine does not fail nodes over on its own.
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 2000;
+/// Primaries of the soak's cluster (each with one replica).
+pub const CLUSTER_PRIMARIES: usize = 3;
+
+/// A node as `CLUSTER NODES` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    pub port: u16,
+    pub primary: bool,
+    pub failed: bool,
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl NodeInfo {
+    pub fn owns(&self, slot: u16) -> bool {
+        self.slots.iter().any(|&(a, b)| a <= slot && slot <= b)
+    }
+
+    pub fn slot_count(&self) -> usize {
+        self.slots.iter().map(|&(a, b)| (b - a) as usize + 1).sum()
+    }
+}
+
+/// One cluster node: fixed ports and config file for life, so a killed node
+/// is started again as the same node (it rejoins, as a replica once its
+/// slots went to the replica that replaced it).
+struct ClusterNode {
+    port: u16,
+    bus: u16,
+    child: Option<Child>,
+}
+
+/// A private Redis Cluster: 3 primaries + 3 replicas on loopback, formed
+/// with `redis-cli --cluster create` (the approach of tests/it/ha.rs).
+pub struct RedisCluster {
+    nodes: Vec<ClusterNode>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    pub async fn start(work: &Path) -> anyhow::Result<RedisCluster> {
+        let dir = work.join("cluster");
+        std::fs::create_dir_all(&dir)?;
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            dir,
+        };
+        for _ in 0..2 * CLUSTER_PRIMARIES {
+            let mut started = false;
+            // Again on other ports when another process took one between
+            // `free_port` and the bind.
+            for _ in 0..5 {
+                let mut node = ClusterNode {
+                    port: free_port(),
+                    bus: free_port(),
+                    child: None,
+                };
+                if cluster.spawn(&mut node).await.is_ok() {
+                    cluster.nodes.push(node);
+                    started = true;
+                    break;
+                }
+                if let Some(mut c) = node.child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+            if !started {
+                bail!("a cluster redis-server did not start on any free port");
+            }
+        }
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(cluster.ports().iter().map(|p| format!("127.0.0.1:{p}")));
+        args.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
+        let out = tokio::process::Command::new("redis-cli")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("redis-cli is installed (scripts/test.sh installs it)")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        cluster.wait_healthy(Duration::from_secs(60)).await?;
+        Ok(cluster)
+    }
+
+    async fn spawn(&self, node: &mut ClusterNode) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("redis-{}.log", node.port)))?;
+        let child = Command::new("redis-server")
+            .args(["--port", &node.port.to_string()])
+            .args(["--cluster-port", &node.bus.to_string()])
+            .args(["--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+            .arg("--cluster-config-file")
+            .arg(self.dir.join(format!("nodes-{}.conf", node.port)))
+            .args([
+                "--cluster-node-timeout",
+                &CLUSTER_NODE_TIMEOUT_MS.to_string(),
+            ])
+            // A replica may always take over, however long it was cut off.
+            .args(["--cluster-replica-validity-factor", "0"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--dbfilename", &format!("dump-{}.rdb", node.port)])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("redis-server is installed (scripts/test.sh installs it)")?;
+        node.child = Some(child);
+        for _ in 0..400 {
+            if let Some(c) = &mut node.child
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                bail!("redis-server exited at start on {}", node.port);
+            }
+            if node_cmd(node.port, &["PING"]).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!("redis-server did not start on {}", node.port)
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// `REDIS_CLUSTER_URLS` for the gateway: every node as a seed.
+    pub fn urls(&self) -> String {
+        self.ports()
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn alive_ports(&mut self) -> Vec<u16> {
+        self.nodes
+            .iter_mut()
+            .filter_map(|n| {
+                let running = n
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+                running.then_some(n.port)
+            })
+            .collect()
+    }
+
+    /// The cluster as the first live node that answers sees it.
+    pub async fn topology(&mut self) -> anyhow::Result<Vec<NodeInfo>> {
+        for port in self.alive_ports() {
+            if let Some(text) = node_text(port, &["CLUSTER", "NODES"]).await {
+                return Ok(parse_nodes(&text));
+            }
+        }
+        bail!("no live cluster node answers CLUSTER NODES")
+    }
+
+    /// Live, slot-owning primaries, in node order.
+    pub async fn primaries(&mut self) -> anyhow::Result<Vec<NodeInfo>> {
+        let alive = self.alive_ports();
+        let topo = self.topology().await?;
+        Ok(self.in_node_order(
+            topo.into_iter()
+                .filter(|n| n.primary && !n.failed && !n.slots.is_empty())
+                .filter(|n| alive.contains(&n.port))
+                .collect(),
+        ))
+    }
+
+    /// Live replicas, in node order.
+    pub async fn replicas(&mut self) -> anyhow::Result<Vec<NodeInfo>> {
+        let alive = self.alive_ports();
+        let topo = self.topology().await?;
+        Ok(self.in_node_order(
+            topo.into_iter()
+                .filter(|n| !n.primary && !n.failed && alive.contains(&n.port))
+                .collect(),
+        ))
+    }
+
+    fn in_node_order(&self, mut nodes: Vec<NodeInfo>) -> Vec<NodeInfo> {
+        let index = |p: u16| self.nodes.iter().position(|n| n.port == p);
+        nodes.sort_by_key(|n| index(n.port));
+        nodes
+    }
+
+    /// Every node running, `cluster_state:ok` on each, all of them agreeing
+    /// on who owns which slots, 3 primaries owning them all and every other
+    /// node a replica whose link to its primary is up.
+    pub async fn healthy(&mut self) -> bool {
+        let alive = self.alive_ports();
+        if alive.len() != self.nodes.len() {
+            return false;
+        }
+        let mut views = Vec::new();
+        for &port in &alive {
+            match node_text(port, &["CLUSTER", "INFO"]).await {
+                Some(info) if info.contains("cluster_state:ok") => {}
+                _ => return false,
+            }
+            let Some(text) = node_text(port, &["CLUSTER", "NODES"]).await else {
+                return false;
+            };
+            let mut owners: Vec<(String, Vec<(u16, u16)>)> = parse_nodes(&text)
+                .into_iter()
+                .filter(|n| n.primary && !n.failed && !n.slots.is_empty())
+                .map(|n| (n.id, n.slots))
+                .collect();
+            owners.sort();
+            views.push((parse_nodes(&text), owners));
+        }
+        let (topo, owners) = &views[0];
+        if views.iter().any(|(_, o)| o != owners) || owners.len() != CLUSTER_PRIMARIES {
+            return false;
+        }
+        let covered: usize = topo
+            .iter()
+            .filter(|n| owners.iter().any(|(id, _)| *id == n.id))
+            .map(NodeInfo::slot_count)
+            .sum();
+        if covered != 16384 {
+            return false;
+        }
+        for n in topo {
+            if n.failed {
+                return false;
+            }
+            if owners.iter().any(|(id, _)| *id == n.id) {
+                continue;
+            }
+            if n.primary {
+                // A primary without slots: not the shape we keep.
+                return false;
+            }
+            match node_text(n.port, &["INFO", "replication"]).await {
+                Some(info) if info.contains("master_link_status:up") => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    pub async fn wait_healthy(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.healthy().await {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "cluster not healthy within {} s: {:?}",
+                    limit.as_secs(),
+                    self.topology().await.unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL the node on `port` (no goodbye to the cluster).
+    pub fn kill(&mut self, port: u16) {
+        for n in &mut self.nodes {
+            if n.port == port
+                && let Some(mut c) = n.child.take()
+            {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// Start the node on `port` again, same ports and config file.
+    pub async fn restart(&mut self, port: u16) -> anyhow::Result<()> {
+        let Some(i) = self.nodes.iter().position(|n| n.port == port) else {
+            bail!("no cluster node on {port}");
+        };
+        let mut node = ClusterNode {
+            port,
+            bus: self.nodes[i].bus,
+            child: self.nodes[i].child.take(),
+        };
+        if let Some(mut c) = node.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let r = self.spawn(&mut node).await;
+        self.nodes[i].child = node.child;
+        r
+    }
+
+    /// Wait until a live primary other than `old_id` owns `slot` and says
+    /// `cluster_state:ok`; returns it.
+    pub async fn wait_promoted(
+        &mut self,
+        slot: u16,
+        old_id: &str,
+        limit: Duration,
+    ) -> anyhow::Result<NodeInfo> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(topo) = self.topology().await
+                && let Some(n) = topo
+                    .into_iter()
+                    .find(|n| n.primary && !n.failed && n.id != old_id && n.owns(slot))
+                && node_text(n.port, &["CLUSTER", "INFO"])
+                    .await
+                    .is_some_and(|i| i.contains("cluster_state:ok"))
+            {
+                return Ok(n);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "no replica took over slot {slot} within {} s",
+                    limit.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `CLUSTER FAILOVER` on the replica on `port` (graceful: its primary
+    /// stops writes, the replica catches up, then takes over); waits until
+    /// it is a primary.
+    pub async fn failover(&mut self, port: u16, limit: Duration) -> anyhow::Result<()> {
+        let r = node_cmd(port, &["CLUSTER", "FAILOVER"]).await;
+        r.with_context(|| format!("CLUSTER FAILOVER on {port}"))?;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if node_text(port, &["INFO", "replication"])
+                .await
+                .is_some_and(|i| i.contains("role:master"))
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{port} not a primary {} s after CLUSTER FAILOVER",
+                    limit.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Move one slot, with its keys, from the primary `from` to `to`: the
+    /// steps `redis-cli --cluster reshard` takes for each slot (IMPORTING,
+    /// MIGRATING, MIGRATE the keys 100 at a time, SETSLOT NODE everywhere).
+    pub async fn move_slot(
+        &mut self,
+        slot: u16,
+        from: &NodeInfo,
+        to: &NodeInfo,
+    ) -> anyhow::Result<usize> {
+        let s = slot.to_string();
+        node_cmd(to.port, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from.id])
+            .await
+            .context("SETSLOT IMPORTING")?;
+        node_cmd(from.port, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to.id])
+            .await
+            .context("SETSLOT MIGRATING")?;
+        let mut moved = 0;
+        loop {
+            let v = node_cmd(from.port, &["CLUSTER", "GETKEYSINSLOT", &s, "100"])
+                .await
+                .context("GETKEYSINSLOT")?;
+            let keys: Vec<String> = redis::from_redis_value(v).context("GETKEYSINSLOT reply")?;
+            if keys.is_empty() {
+                break;
+            }
+            let port = to.port.to_string();
+            let mut args = vec![
+                "MIGRATE",
+                "127.0.0.1",
+                &port,
+                "",
+                "0",
+                "5000",
+                "REPLACE",
+                "KEYS",
+            ];
+            args.extend(keys.iter().map(String::as_str));
+            node_cmd(from.port, &args).await.context("MIGRATE")?;
+            moved += keys.len();
+        }
+        // Tell the target first, then the source, then everyone (as
+        // redis-cli does).
+        let topo = self.topology().await?;
+        let mut primaries: Vec<&NodeInfo> =
+            topo.iter().filter(|n| n.primary && !n.failed).collect();
+        primaries.sort_by_key(|n| (n.id != to.id, n.id != from.id));
+        for n in primaries {
+            let _ = node_cmd(n.port, &["CLUSTER", "SETSLOT", &s, "NODE", &to.id]).await;
+        }
+        Ok(moved)
+    }
+
+    /// Move `count` slots from `from` to `to` with `redis-cli --cluster
+    /// reshard`.
+    pub async fn reshard(
+        &mut self,
+        from: &NodeInfo,
+        to: &NodeInfo,
+        count: u32,
+    ) -> anyhow::Result<()> {
+        let out = tokio::process::Command::new("redis-cli")
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{}", to.port),
+                "--cluster-from",
+                &from.id,
+                "--cluster-to",
+                &to.id,
+                "--cluster-slots",
+                &count.to_string(),
+                "--cluster-yes",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("redis-cli")?;
+        if !out.status.success() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            bail!("redis-cli --cluster reshard failed: {}", tail.join(" | "));
+        }
+        Ok(())
+    }
+
+    /// End of the run: every node running again, the cluster whole.
+    pub async fn heal(&mut self) -> anyhow::Result<()> {
+        let alive = self.alive_ports();
+        for port in self.ports() {
+            if !alive.contains(&port) {
+                self.restart(port).await?;
+            }
+        }
+        self.wait_healthy(Duration::from_secs(60)).await
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for port in self.ports() {
+            self.kill(port);
+        }
+    }
+}
+
+fn parse_nodes(text: &str) -> Vec<NodeInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 {
+                return None;
+            }
+            // "127.0.0.1:7000@17000" (possibly ",hostname")
+            let port = f[1].split('@').next()?.rsplit(':').next()?.parse().ok()?;
+            let flags = f[2];
+            let slots = f[8..]
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| match s.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => s.parse().ok().map(|x| (x, x)),
+                })
+                .collect();
+            Some(NodeInfo {
+                id: f[0].to_string(),
+                port,
+                primary: flags.contains("master"),
+                failed: flags.contains("fail"),
+                slots,
+            })
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------- PostgreSQL
@@ -499,18 +1005,20 @@ pub struct ReplicaSpec {
 }
 
 /// One replica slot: fixed port (as behind a load balancer), fixed proxy to
-/// Redis, a process that is killed and started again.
+/// Redis (single mode; in cluster mode the replica reaches the nodes the
+/// cluster names directly, from `REDIS_CLUSTER_URLS` in the spec), a
+/// process that is killed and started again.
 pub struct Replica {
     pub slot: usize,
     pub addr: SocketAddr,
-    pub proxy: Proxy,
+    pub proxy: Option<Proxy>,
     pub generation: u32,
     pub instance_id: String,
     child: Option<Child>,
 }
 
 impl Replica {
-    pub fn new(slot: usize, proxy: Proxy) -> Replica {
+    pub fn new(slot: usize, proxy: Option<Proxy>) -> Replica {
         let port = free_port();
         Replica {
             slot,
@@ -542,14 +1050,18 @@ impl Replica {
             .create(true)
             .append(true)
             .open(spec.log_dir.join(format!("replica-{}.log", self.slot)))?;
-        let child = Command::new(&spec.program)
+        let mut command = Command::new(&spec.program);
+        command
             .args(&spec.args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("BIND_ADDR", self.addr.to_string())
-            .env("INSTANCE_ID", &self.instance_id)
-            .env("REDIS_URL", self.proxy.url())
+            .env("INSTANCE_ID", &self.instance_id);
+        if let Some(proxy) = &self.proxy {
+            command.env("REDIS_URL", proxy.url());
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -4,12 +4,14 @@
 //! cargo run --release --bin soak -- --duration 600 --seed 1
 //! ```
 //!
-//! Starts its own redis-server, a throwaway PostgreSQL database, N gateway
-//! replicas (real processes: this executable re-run as `soak serve`, which
-//! is the gateway configured from the environment exactly as
-//! `orders-gateway` is, or `--gateway-bin`), each talking to Redis through a
-//! loopback proxy the soak can silence; dashboards that behave like the JS
-//! client; writers and an order service; and a seeded fault injector. After
+//! Starts its own redis-server (or, with `--redis cluster`, its own Redis
+//! Cluster of 3 primaries + 3 replicas), a throwaway PostgreSQL database, N
+//! gateway replicas (real processes: this executable re-run as `soak
+//! serve`, which is the gateway configured from the environment exactly as
+//! `orders-gateway` is, or `--gateway-bin`), each talking to the single
+//! Redis through a loopback proxy the soak can silence; dashboards that
+//! behave like the JS client; writers and an order service; and a seeded
+//! fault injector. After
 //! the faults stop and a settle period, it judges every dashboard (see
 //! check.rs) and prints `lost=… dup=… disorder=… diverged=…`; any non-zero
 //! exits 1.
@@ -35,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::dashboard::{DashCtx, DashState, Shown, lock};
-use crate::faults::{Injector, Kind};
-use crate::infra::{Postgres, Proxy, Redis, Replica, ReplicaSpec};
+use crate::faults::{Backend, Injector, Kind, RedisMode};
+use crate::infra::{Postgres, Proxy, Redis, RedisCluster, Replica, ReplicaSpec};
 use crate::writer::{Ledger, WriterCtx};
 
 const SECRET: &str = "soak-secret-0123456789abcdef";
@@ -77,8 +79,13 @@ struct Args {
     /// Mean seconds between two faults.
     #[arg(long, default_value_t = 4.0)]
     fault_every: f64,
-    /// Fault kinds to inject (comma list); default all (pg-restart only with
-    /// a PostgreSQL of the soak's own).
+    /// Redis to run against: one redis-server behind proxies, or a Redis
+    /// Cluster of 3 primaries + 3 replicas (`REDIS_CLUSTER_URLS`).
+    #[arg(long, value_enum, default_value_t = RedisMode::Single)]
+    redis: RedisMode,
+    /// Fault kinds to inject (comma list); default all the Redis mode allows
+    /// (pg-restart only with a PostgreSQL of the soak's own; redis-*/proxy-*
+    /// only single, cluster-* only cluster).
     #[arg(long, value_delimiter = ',', value_enum)]
     faults: Vec<Kind>,
     /// Upper bound, in seconds, on waiting for convergence after the faults stop.
@@ -201,10 +208,29 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("og-soak-{seed}-{}", std::process::id())),
     };
+    let refused: Vec<&str> = args
+        .faults
+        .iter()
+        .filter(|k| match args.redis {
+            RedisMode::Single => k.cluster_only(),
+            RedisMode::Cluster => k.single_only(),
+        })
+        .map(|k| k.name())
+        .collect();
+    if !refused.is_empty() {
+        let allowed: Vec<&str> = Kind::all(args.redis).iter().map(|k| k.name()).collect();
+        anyhow::bail!(
+            "--faults {}: not possible with --redis {} (allowed: {})",
+            refused.join(","),
+            args.redis.name(),
+            allowed.join(",")
+        );
+    }
     std::fs::create_dir_all(&work)?;
     println!(
-        "[soak] seed={seed} duration={}s replicas={} restaurants={} dashboards={} rate={}/s \
-         fault every ~{}s; work dir {}",
+        "[soak] seed={seed} redis={} duration={}s replicas={} restaurants={} dashboards={} \
+         rate={}/s fault every ~{}s; work dir {}",
+        args.redis.name(),
         args.duration,
         args.replicas,
         args.restaurants,
@@ -215,7 +241,10 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
     );
 
     // ------------------------------------------------ infrastructure
-    let redis = Redis::start(&work).await?;
+    let redis = match args.redis {
+        RedisMode::Single => Backend::Single(Redis::start(&work).await?),
+        RedisMode::Cluster => Backend::Cluster(RedisCluster::start(&work).await?),
+    };
     let own = args.own_postgres || args.database_url.is_none();
     let (postgres, db_url) = if own {
         Postgres::own(&work).await?
@@ -227,8 +256,11 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         .await
         .context("migrate (what `orders-gateway migrate` does)")?;
     println!(
-        "[soak] redis 127.0.0.1:{}, PostgreSQL {} ({})",
-        redis.port,
+        "[soak] redis {}, PostgreSQL {} ({})",
+        match &redis {
+            Backend::Single(r) => format!("127.0.0.1:{}", r.port),
+            Backend::Cluster(c) => format!("cluster {}", c.urls()),
+        },
         db_url,
         if own {
             "own cluster"
@@ -241,7 +273,7 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         Some(p) => (p.clone(), vec![]),
         None => (std::env::current_exe()?, vec!["serve".to_string()]),
     };
-    let spec = ReplicaSpec {
+    let mut spec = ReplicaSpec {
         program,
         args: prog_args,
         env: vec![
@@ -257,9 +289,16 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         ],
         log_dir: work.clone(),
     };
+    if let Backend::Cluster(c) = &redis {
+        spec.env.push(("REDIS_CLUSTER_URLS".into(), c.urls()));
+    }
     let mut replicas = Vec::new();
     for slot in 0..args.replicas {
-        let mut r = Replica::new(slot, Proxy::start(redis.port).await?);
+        let proxy = match &redis {
+            Backend::Single(r) => Some(Proxy::start(r.port).await?),
+            Backend::Cluster(_) => None,
+        };
+        let mut r = Replica::new(slot, proxy);
         r.spawn(&spec).await?;
         replicas.push(r);
     }
@@ -326,7 +365,7 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
 
     // ------------------------------------------------ faults
     let mut kinds = if args.faults.is_empty() {
-        Kind::all()
+        Kind::all(args.redis)
     } else {
         args.faults.clone()
     };
@@ -342,6 +381,7 @@ async fn soak(args: Args) -> anyhow::Result<bool> {
         spec,
         redis,
         postgres,
+        restaurants: restaurants.clone(),
         away,
         presence_ttl: Duration::from_millis(args.presence_ttl_ms),
         leader_ttl: Duration::from_millis(3 * args.poll_interval_ms),
