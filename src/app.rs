@@ -253,6 +253,16 @@ impl App {
             );
             tasks.spawn(task);
         }
+        if config.redis_mode().is_some() {
+            let node = node.clone();
+            let stop = background.clone();
+            let limit = Duration::from_millis(config.redis_lost_close_ms);
+            let task = sup.spawn(
+                "broker_watch",
+                async move { node.watch_broker(limit, stop).await }.instrument(span.clone()),
+            );
+            tasks.spawn(task);
+        }
         let poller_task = poller.map(|p| {
             let stop = background.clone();
             sup.spawn(

@@ -126,6 +126,12 @@ pub struct Config {
     /// sockets close with 4403 within this period.
     #[arg(long, env = "MEMBERSHIP_RECHECK_MS", default_value_t = 30_000)]
     pub membership_recheck_ms: u64,
+    /// A replica that has been without a working Redis link (commands or
+    /// its pub/sub liveness probe) this long closes its sockets with 1013
+    /// and refuses new ones until Redis is back, so that dashboards move to
+    /// a replica that still delivers.
+    #[arg(long, env = "REDIS_LOST_CLOSE_MS", default_value_t = 15_000)]
+    pub redis_lost_close_ms: u64,
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -345,6 +351,13 @@ impl Config {
         {
             return Err(bad("INSTANCE_ID", "1-128 characters, no spaces"));
         }
+        within(
+            "REDIS_LOST_CLOSE_MS",
+            self.redis_lost_close_ms,
+            1_000,
+            HOUR_MS,
+            "ms",
+        )?;
         within(
             "HEADER_READ_TIMEOUT_MS",
             self.header_read_timeout_ms,

@@ -55,6 +55,10 @@ struct Inner {
     /// equal or older version is never dispatched again (a publisher that
     /// lost its dedup state, a lagging poller).
     versions: Mutex<HashMap<RestaurantId, VersionLog>>,
+    /// Cancelled once this replica has been without Redis for the
+    /// configured time (its sockets close with 1013, joins are refused);
+    /// replaced by a fresh token when Redis is back.
+    broker_lost: Mutex<CancellationToken>,
 }
 
 /// Order versions dispatched for one restaurant, bounded: the oldest
@@ -113,7 +117,57 @@ impl Node {
                 local: Mutex::new(HashMap::new()),
                 positions: Mutex::new(HashMap::new()),
                 versions: Mutex::new(HashMap::new()),
+                broker_lost: Mutex::new(CancellationToken::new()),
             }),
+        }
+    }
+
+    /// Cancelled while this replica counts as having lost Redis (see
+    /// [`Node::watch_broker`]); sockets close with 1013 when it is.
+    pub fn broker_lost(&self) -> CancellationToken {
+        lock(&self.inner.broker_lost).clone()
+    }
+
+    /// Every second, ask the broker whether it works (commands and the
+    /// pub/sub link's liveness probe). Failing for `limit` in a row: cancel
+    /// [`Node::broker_lost`] — every socket closes with 1013 and joins are
+    /// refused, so dashboards reconnect through the load balancer to a
+    /// replica that still delivers (this one fails `/readyz` meanwhile) and
+    /// resume from their `last_event_id`. Working again: a fresh token.
+    pub async fn watch_broker(&self, limit: Duration, shutdown: CancellationToken) {
+        const EVERY: Duration = Duration::from_secs(1);
+        let mut tick = tokio::time::interval(EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing_since: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let ok = matches!(
+                tokio::time::timeout(EVERY * 3, self.inner.backend.ping()).await,
+                Ok(Ok(()))
+            );
+            if ok {
+                failing_since = None;
+                let mut lost = lock(&self.inner.broker_lost);
+                if lost.is_cancelled() {
+                    *lost = CancellationToken::new();
+                    tracing::info!("Redis works again: accepting sockets");
+                }
+                continue;
+            }
+            let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+            let lost = lock(&self.inner.broker_lost);
+            if since.elapsed() >= limit && !lost.is_cancelled() {
+                tracing::error!(
+                    after_ms = limit.as_millis() as u64,
+                    sockets = self.inner.hub.connections(),
+                    "Redis lost: closing this replica's sockets with 1013 until it is back"
+                );
+                metrics::counter!("orders_gateway_broker_lost_total").increment(1);
+                lost.cancel();
+            }
         }
     }
 
@@ -132,6 +186,11 @@ impl Node {
     pub async fn join(&self, record: ConnectionRecord, member: Member) -> Result<(), NodeError> {
         let r = record.restaurant_id;
         let connection_id = member.connection_id;
+        if self.broker_lost().is_cancelled() {
+            return Err(NodeError::Broker(BrokerError::Unavailable(
+                "this replica lost Redis".into(),
+            )));
+        }
         self.inner.hub.join(r, member)?;
         if let Err(e) = self.ensure_subscribed(r).await {
             self.inner.hub.leave(r, connection_id);

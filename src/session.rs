@@ -541,6 +541,8 @@ impl Session<'_> {
             }
         };
         tokio::pin!(revoked);
+        let lost = ctx.node.broker_lost().cancelled_owned();
+        tokio::pin!(lost);
         let mut expires_at = self.admission.expires_at;
         let expiry = sleep_until(expiry_instant(expires_at));
         tokio::pin!(expiry);
@@ -556,6 +558,9 @@ impl Session<'_> {
                 _ = &mut expiry => expired(),
                 _ = &mut revoked => Step::Close(CloseReason::Forbidden(
                     "no longer a member of this restaurant".into(),
+                )),
+                _ = &mut lost => Step::Close(CloseReason::Unavailable(
+                    "this replica lost Redis; reconnect".into(),
                 )),
                 frame = queue.recv() => match frame {
                     Some(frame) => self.relay(frame).await,

@@ -329,3 +329,44 @@ async fn presence_survives_a_replica_with_a_skewed_clock() {
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }
 }
+
+/// The contract's 1013, "this replica lost Redis": Redis gone for longer
+/// than `REDIS_LOST_CLOSE_MS` closes the replica's sockets with 1013 (so the
+/// load balancer can hand them to a replica that still delivers) and new
+/// ones are refused the same way; once Redis is back, dashboards connect
+/// again.
+#[tokio::test]
+async fn a_replica_that_lost_redis_closes_sockets_with_1013_until_it_is_back() {
+    let mut redis = Redis::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    cfg.redis_lost_close_ms = 1000;
+    let gw = Gateway::start(cfg).await;
+    let r = Uuid::new_v4();
+    let url = gw.ws_url(&format!("token={}", token(r)));
+    let (mut ws, _) = dashboard(&url).await;
+    let first = order_json(r, Uuid::new_v4(), "pending");
+    assert_eq!(publish(&gw, &first).await.0, 202);
+    let seen = ws.event().await["event_id"].as_str().unwrap().to_string();
+
+    redis.stop();
+    match ws.next(Duration::from_secs(15)).await {
+        Next::Close(1013, _) => {}
+        other => panic!("an open socket is closed with 1013, got {other:?}"),
+    }
+    let mut refused = Ws::connect(&url).await;
+    match refused.next(Duration::from_secs(10)).await {
+        Next::Close(1013, _) => {}
+        other => panic!("a new socket is refused with 1013, got {other:?}"),
+    }
+
+    redis.restart().await;
+    eventually(Duration::from_secs(20), || async {
+        let mut ws = Ws::connect(&format!("{url}&last_event_id={seen}")).await;
+        match ws.next(Duration::from_secs(3)).await {
+            Next::Json(v) if v["type"] == "connection_established" => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+}
