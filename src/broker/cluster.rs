@@ -58,8 +58,12 @@ const PROBE_PREFIX: &str = "og:probe:";
 /// Resubscriptions timing out this many times in a row mean the cluster
 /// connection itself stopped answering (the redis crate was seen stuck in a
 /// slot refresh that never ended, every command on it timing out, for
-/// minutes): the restorer then replaces it with a new one.
-const TIMEOUTS_BEFORE_RECONNECT: u32 = 2;
+/// minutes): the restorer then replaces it with a new one. One is enough:
+/// the restorer only runs after a disruption, and a resubscription that gets
+/// no answer at all for the command timeout (errors from a cluster in
+/// flux do not count) is that connection failing; waiting for a second one
+/// cost 3 s more silence, and `REDIS_LOST_CLOSE_MS` counts it.
+const TIMEOUTS_BEFORE_RECONNECT: u32 = 1;
 
 /// Hash slot of a key or channel: CRC16-XMODEM of its hash tag, mod 16384.
 pub fn key_slot(key: &str) -> u16 {

@@ -246,7 +246,17 @@ async fn cluster_primary_killed_while_events_flow() {
 #[tokio::test]
 async fn cluster_connection_frozen_while_events_flow() {
     let cluster = RedisCluster::start_behind_proxies().await;
-    let gws = cluster_replicas(&cluster, 2).await;
+    // This is about the recovery; the 1013 close after REDIS_LOST_CLOSE_MS
+    // (faults::a_replica_that_lost_redis_...) would end the sockets of a
+    // replica slower than that (the probes and the restore each wait for
+    // command timeouts first).
+    let mut gws = Vec::new();
+    for _ in 0..2 {
+        let mut cfg = config();
+        cfg.redis_cluster_urls = Some(cluster.urls());
+        cfg.redis_lost_close_ms = 120_000;
+        gws.push(Gateway::start(cfg).await);
+    }
     let r = Uuid::new_v4();
     let fault = async {
         cluster.stall_clients();
