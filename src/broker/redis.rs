@@ -358,107 +358,21 @@ async fn receive(
     let mut master_changed = master.watch();
     loop {
         master_changed.borrow_and_update();
-        // With Sentinel: only a server that answers ROLE as master.
-        let endpoint = match master.verify().await {
-            Ok(ep) => ep,
-            Err(e) => {
-                retry_later(
-                    &subs,
-                    &mut master_changed,
-                    &mut attempt,
-                    &e.to_string(),
-                    &shutdown,
-                )
-                .await;
+        let (mut stream, channels) = match connect_link(&master, &subs, &probe, &shutdown).await {
+            Ok(link) => link,
+            Err(None) => return,
+            Err(Some(why)) => {
+                retry_later(&subs, &mut master_changed, &mut attempt, &why, &shutdown).await;
                 continue;
             }
         };
-        let client = match redis::Client::open(endpoint.url.as_str()) {
-            Ok(c) => c,
-            Err(e) => {
-                retry_later(
-                    &subs,
-                    &mut master_changed,
-                    &mut attempt,
-                    &e.to_string(),
-                    &shutdown,
-                )
-                .await;
-                continue;
-            }
-        };
-        let connected = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()) => r,
-        };
-        let pubsub = match connected {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                retry_later(
-                    &subs,
-                    &mut master_changed,
-                    &mut attempt,
-                    &e.to_string(),
-                    &shutdown,
-                )
-                .await;
-                continue;
-            }
-            Err(_) => {
-                retry_later(
-                    &subs,
-                    &mut master_changed,
-                    &mut attempt,
-                    "connect timed out",
-                    &shutdown,
-                )
-                .await;
-                continue;
-            }
-        };
-        let (mut sink, mut stream) = pubsub.split();
-        if let Err(e) = timed(sink.subscribe(&probe.channel)).await {
-            retry_later(
-                &subs,
-                &mut master_changed,
-                &mut attempt,
-                &e.to_string(),
-                &shutdown,
-            )
-            .await;
-            continue;
-        }
-        // Publish the sink before reading `wanted`: a concurrent subscribe
-        // either lands in the snapshot below or finds this sink.
-        subs.set_sink(Some(sink.clone()));
-        let channels: Vec<String> = subs.wanted().iter().map(|r| r.channel()).collect();
-        let mut restored = true;
-        for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
-            if let Err(e) = timed(sink.subscribe(chunk)).await {
-                tracing::warn!(error = %e, "resubscribe failed");
-                restored = false;
-                break;
-            }
-        }
-        if !restored {
-            subs.set_sink(None);
-            retry_later(
-                &subs,
-                &mut master_changed,
-                &mut attempt,
-                "resubscribe failed",
-                &shutdown,
-            )
-            .await;
-            continue;
-        }
         attempt = 0;
         metrics::gauge!("orders_gateway_redis_up").set(1.0);
         subs.set_link_up(true);
         if was_connected {
             metrics::counter!("orders_gateway_redis_reconnects_total").increment(1);
             tracing::info!(
-                channels = channels.len(),
+                channels,
                 "Redis pub/sub reconnected, subscriptions restored"
             );
             let _ = inbound.send(Inbound::Resubscribed).await;
@@ -491,6 +405,44 @@ async fn receive(
             }
         }
     }
+}
+
+/// One pub/sub connection to the master with the probe channel and every
+/// wanted restaurant subscribed: its message stream and how many channels
+/// were restored. `Err(None)` on shutdown, `Err(Some(why))` to retry.
+async fn connect_link(
+    master: &Master,
+    subs: &Subscriptions,
+    probe: &Probe,
+    shutdown: &CancellationToken,
+) -> Result<(redis::aio::PubSubStream, usize), Option<String>> {
+    // With Sentinel: only a server that answers ROLE as master.
+    let endpoint = master.verify().await.map_err(|e| Some(e.to_string()))?;
+    let client = redis::Client::open(endpoint.url.as_str()).map_err(|e| Some(e.to_string()))?;
+    let pubsub = tokio::select! {
+        _ = shutdown.cancelled() => return Err(None),
+        r = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()) => match r {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Err(Some(e.to_string())),
+            Err(_) => return Err(Some("connect timed out".into())),
+        },
+    };
+    let (mut sink, stream) = pubsub.split();
+    timed(sink.subscribe(&probe.channel))
+        .await
+        .map_err(|e| Some(e.to_string()))?;
+    // Publish the sink before reading `wanted`: a concurrent subscribe
+    // either lands in the snapshot below or finds this sink.
+    subs.set_sink(Some(sink.clone()));
+    let channels: Vec<String> = subs.wanted().iter().map(|r| r.channel()).collect();
+    for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
+        if let Err(e) = timed(sink.subscribe(chunk)).await {
+            tracing::warn!(error = %e, "resubscribe failed");
+            subs.set_sink(None);
+            return Err(Some("resubscribe failed".into()));
+        }
+    }
+    Ok((stream, channels.len()))
 }
 
 type ProbeSend<'a> = Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + 'a>>;
