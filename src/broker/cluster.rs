@@ -29,11 +29,8 @@ use redis::{FromRedisValue, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::functions::{
-    self, Call, Failure, Functions, LEADER_KEY, POLL_CURSOR_KEY, POLL_LAST_KEY,
-    POLL_RESTAURANTS_KEY, classify, library, poll_known_key,
-};
-use super::redis::{ACTIVE, INSTANCES, conns_key};
+use super::commands::{self, Batch, Commands};
+use super::functions::{self, Call, Failure, Functions, LEADER_KEY, classify, library};
 use super::{
     Broker, BrokerError, Cluster, ConnectionRecord, Cursor, History, Inbound, Lease, PollerState,
     PollerStateDelta, PublishRequest, Published, backoff,
@@ -706,7 +703,7 @@ impl ClusterBroker {
         if let Err(e) = broker.install().await {
             tracing::warn!(error = %e, "could not install Redis functions yet; will retry on first use");
         }
-        let _ = broker.sync_clock().await;
+        let _ = commands::sync_clock(&broker).await;
         Ok(broker)
     }
 
@@ -725,22 +722,6 @@ impl ClusterBroker {
         )
         .await
         .map(|_| ())
-    }
-
-    fn now_ms(&self) -> i64 {
-        chrono::Utc::now().timestamp_millis() + self.clock_offset_ms.load(Ordering::Relaxed)
-    }
-
-    async fn sync_clock(&self) -> Result<(), BrokerError> {
-        let before = chrono::Utc::now().timestamp_millis();
-        let mut conn = self.pubsub.conn();
-        let (secs, micros): (i64, i64) = timed(redis::cmd("TIME").query_async(&mut conn)).await?;
-        let after = chrono::Utc::now().timestamp_millis();
-        self.clock_offset_ms.store(
-            secs * 1000 + micros / 1000 - (before + after) / 2,
-            Ordering::Relaxed,
-        );
-        Ok(())
     }
 
     /// Run commands grouped by the slot of their key: one pipeline per
@@ -781,6 +762,17 @@ impl ClusterBroker {
     async fn one<T: FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, BrokerError> {
         let mut conn = self.pubsub.conn();
         timed(cmd.query_async(&mut conn)).await
+    }
+}
+
+#[async_trait]
+impl Commands for ClusterBroker {
+    async fn run(&self, batch: Batch) -> Result<Vec<Value>, BrokerError> {
+        self.by_slot(batch).await
+    }
+
+    fn clock_offset(&self) -> &AtomicI64 {
+        &self.clock_offset_ms
     }
 }
 
@@ -860,31 +852,11 @@ impl Broker for ClusterBroker {
 #[async_trait]
 impl Cluster for ClusterBroker {
     async fn add_connection(&self, c: &ConnectionRecord, ttl: Duration) -> Result<(), BrokerError> {
-        let until = self.now_ms() + ttl.as_millis() as i64;
-        let member = serde_json::to_string(c).expect("record serializes");
-        let key = conns_key(c.restaurant_id);
-        let mut cmds = Vec::new();
-        cmds.push((key.clone(), redis::Cmd::zadd(&key, member, until)));
-        cmds.push((
-            key.clone(),
-            redis::Cmd::pexpire(&key, 2 * ttl.as_millis() as i64),
-        ));
-        cmds.push((
-            ACTIVE.into(),
-            redis::Cmd::zadd(ACTIVE, c.restaurant_id.to_string(), until),
-        ));
-        cmds.push((
-            INSTANCES.into(),
-            redis::Cmd::zadd(INSTANCES, &c.instance_id, until),
-        ));
-        self.by_slot(cmds).await.map(|_| ())
+        commands::add_connection(self, c, ttl).await
     }
 
     async fn remove_connection(&self, c: &ConnectionRecord) -> Result<(), BrokerError> {
-        let member = serde_json::to_string(c).expect("record serializes");
-        self.one::<Value>(redis::Cmd::zrem(conns_key(c.restaurant_id), member))
-            .await
-            .map(|_| ())
+        commands::remove_connection(self, c).await
     }
 
     async fn heartbeat(
@@ -893,46 +865,7 @@ impl Cluster for ClusterBroker {
         connections: &[ConnectionRecord],
         ttl: Duration,
     ) -> Result<(), BrokerError> {
-        if let Err(e) = self.sync_clock().await {
-            tracing::debug!(error = %e, "could not read Redis' clock");
-        }
-        let now = self.now_ms();
-        let until = now + ttl.as_millis() as i64;
-        let mut by_restaurant: BTreeMap<RestaurantId, Vec<(i64, String)>> = BTreeMap::new();
-        for c in connections {
-            by_restaurant
-                .entry(c.restaurant_id)
-                .or_default()
-                .push((until, serde_json::to_string(c).expect("record serializes")));
-        }
-        let mut cmds = vec![
-            (
-                INSTANCES.to_string(),
-                redis::Cmd::zadd(INSTANCES, instance_id, until),
-            ),
-            (
-                INSTANCES.to_string(),
-                redis::Cmd::zrembyscore(INSTANCES, "-inf", now),
-            ),
-            (
-                ACTIVE.to_string(),
-                redis::Cmd::zrembyscore(ACTIVE, "-inf", now),
-            ),
-        ];
-        for (r, members) in &by_restaurant {
-            let key = conns_key(*r);
-            cmds.push((key.clone(), redis::Cmd::zadd_multiple(&key, members)));
-            cmds.push((key.clone(), redis::Cmd::zrembyscore(&key, "-inf", now)));
-            cmds.push((
-                key.clone(),
-                redis::Cmd::pexpire(&key, 2 * ttl.as_millis() as i64),
-            ));
-            cmds.push((
-                ACTIVE.to_string(),
-                redis::Cmd::zadd(ACTIVE, r.to_string(), until),
-            ));
-        }
-        self.by_slot(cmds).await.map(|_| ())
+        commands::heartbeat(self, instance_id, connections, ttl).await
     }
 
     async fn remove_instance(
@@ -940,44 +873,19 @@ impl Cluster for ClusterBroker {
         instance_id: &str,
         connections: &[ConnectionRecord],
     ) -> Result<(), BrokerError> {
-        let mut cmds = vec![(
-            INSTANCES.to_string(),
-            redis::Cmd::zrem(INSTANCES, instance_id),
-        )];
-        for c in connections {
-            let key = conns_key(c.restaurant_id);
-            let member = serde_json::to_string(c).expect("record serializes");
-            cmds.push((key.clone(), redis::Cmd::zrem(&key, member)));
-        }
-        self.by_slot(cmds).await.map(|_| ())
+        commands::remove_instance(self, instance_id, connections).await
     }
 
     async fn connections(&self, r: RestaurantId) -> Result<Vec<ConnectionRecord>, BrokerError> {
-        let members: Vec<String> = self
-            .one(redis::Cmd::zrangebyscore(
-                conns_key(r),
-                self.now_ms(),
-                "+inf",
-            ))
-            .await?;
-        let mut out: Vec<ConnectionRecord> = members
-            .iter()
-            .filter_map(|m| serde_json::from_str(m).ok())
-            .collect();
-        out.sort_by_key(|c| c.connected_at);
-        Ok(out)
+        commands::connections(self, r).await
     }
 
     async fn live_instances(&self) -> Result<usize, BrokerError> {
-        self.one(redis::Cmd::zcount(INSTANCES, self.now_ms(), "+inf"))
-            .await
+        commands::live_instances(self).await
     }
 
     async fn active_restaurants(&self) -> Result<Vec<RestaurantId>, BrokerError> {
-        let members: Vec<String> = self
-            .one(redis::Cmd::zrangebyscore(ACTIVE, self.now_ms(), "+inf"))
-            .await?;
-        Ok(members.iter().filter_map(|m| m.parse().ok()).collect())
+        commands::active_restaurants(self).await
     }
 
     async fn try_acquire_leader(
@@ -997,58 +905,18 @@ impl Cluster for ClusterBroker {
     }
 
     async fn leader(&self) -> Result<Option<String>, BrokerError> {
-        let token: Option<String> = self.one(redis::Cmd::get(LEADER_KEY)).await?;
-        Ok(token.as_deref().and_then(Lease::holder_of))
+        commands::leader(self).await
     }
 
     async fn poller_restaurants(&self) -> Result<Vec<RestaurantId>, BrokerError> {
-        let key = POLL_RESTAURANTS_KEY;
-        let values = self
-            .by_slot(vec![(key.to_string(), redis::Cmd::smembers(key))])
-            .await?;
-        let members: Vec<String> = values
-            .into_iter()
-            .next()
-            .and_then(|v| Vec::<String>::from_redis_value(v).ok())
-            .unwrap_or_default();
-        Ok(members.iter().filter_map(|m| m.parse().ok()).collect())
+        commands::poller_restaurants(self).await
     }
 
     async fn load_poller_state(
         &self,
         restaurants: &[RestaurantId],
     ) -> Result<PollerState, BrokerError> {
-        // All under the {og} tag: one slot, one pipeline.
-        let mut cmds = vec![
-            (
-                POLL_CURSOR_KEY.to_string(),
-                redis::Cmd::get(POLL_CURSOR_KEY),
-            ),
-            (POLL_LAST_KEY.to_string(), redis::Cmd::get(POLL_LAST_KEY)),
-        ];
-        for r in restaurants {
-            let key = poll_known_key(*r);
-            cmds.push((key.clone(), redis::Cmd::hgetall(key)));
-        }
-        let values = self.by_slot(cmds).await?;
-        let mut it = values.into_iter();
-        let scalar = |v: Option<Value>| -> Option<i64> {
-            v.and_then(|v| Option::<i64>::from_redis_value(v).ok().flatten())
-        };
-        let cursor_micros = scalar(it.next());
-        let last_poll_ms = scalar(it.next());
-        let mut state = PollerState {
-            cursor_micros,
-            last_poll_ms,
-            restaurants: HashMap::new(),
-        };
-        for (r, v) in restaurants.iter().zip(it) {
-            let map: HashMap<String, String> = HashMap::from_redis_value(v).unwrap_or_default();
-            if !map.is_empty() {
-                state.restaurants.insert(*r, map);
-            }
-        }
-        Ok(state)
+        commands::load_poller_state(self, restaurants).await
     }
 
     async fn save_poller_state(

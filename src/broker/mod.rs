@@ -11,6 +11,7 @@
 //! received payloads to an [`Inbound`] queue.
 
 pub mod cluster;
+mod commands;
 pub mod functions;
 pub mod memory;
 pub mod redis;

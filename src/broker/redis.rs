@@ -3,7 +3,7 @@
 //! and the server-side functions of `orders_gateway.lua` for every step
 //! that must be atomic (publish, history, leader lock, poller progress).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -17,10 +17,8 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::functions::{
-    self, Call, Failure, Functions, LEADER_KEY, POLL_CURSOR_KEY, POLL_LAST_KEY,
-    POLL_RESTAURANTS_KEY, classify, library, poll_known_key,
-};
+use super::commands::{self, Batch, Commands};
+use super::functions::{self, Call, Failure, Functions, classify, library};
 use super::sentinel::{Master, Sentinels};
 use super::{
     Broker, BrokerError, Cluster, ConnectionRecord, Cursor, History, Inbound, Lease, PollerState,
@@ -42,13 +40,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 const SUBSCRIBE_CHUNK: usize = 512;
 /// How long a subscribe waits for the pub/sub connection to come (back).
 const SINK_WAIT: Duration = Duration::from_secs(2);
-
-pub(super) const INSTANCES: &str = "og:instances";
-pub(super) const ACTIVE: &str = "og:active";
-
-pub(super) fn conns_key(r: RestaurantId) -> String {
-    format!("og:conns:{r}")
-}
 
 pub struct RedisBroker {
     /// The master's connection pool; with Sentinel it follows failovers.
@@ -92,10 +83,6 @@ impl Subscriptions {
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
-}
-
-fn local_now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 impl RedisBroker {
@@ -175,7 +162,7 @@ impl RedisBroker {
         if let Err(e) = broker.install().await {
             tracing::warn!(error = %e, "could not install Redis functions yet; will retry on first use");
         }
-        let _ = broker.sync_clock().await;
+        let _ = commands::sync_clock(&broker).await;
         let probe = Probe {
             master: master.clone(),
             channel: format!("og:probe:{instance_id}"),
@@ -185,24 +172,6 @@ impl RedisBroker {
             receive(master, subscriptions, inbound, probe, shutdown),
         );
         Ok(broker)
-    }
-
-    /// Now, by Redis' clock (as last measured).
-    fn now_ms(&self) -> i64 {
-        local_now_ms() + self.clock_offset_ms.load(Ordering::Relaxed)
-    }
-
-    /// Measure the offset between Redis' clock and ours.
-    async fn sync_clock(&self) -> Result<(), BrokerError> {
-        let before = local_now_ms();
-        let mut pipe = redis::pipe();
-        pipe.cmd("TIME");
-        let ((secs, micros),): ((i64, i64),) = self.query(pipe).await?;
-        let after = local_now_ms();
-        let redis_ms = secs * 1000 + micros / 1000;
-        self.clock_offset_ms
-            .store(redis_ms - (before + after) / 2, Ordering::Relaxed);
-        Ok(())
     }
 
     async fn conn(&self) -> Result<deadpool_redis::Connection, BrokerError> {
@@ -249,6 +218,23 @@ impl RedisBroker {
 
 fn is_readonly(e: &redis::RedisError) -> bool {
     e.code() == Some("READONLY")
+}
+
+#[async_trait]
+impl Commands for RedisBroker {
+    /// One pipeline on the master (with Sentinel, a failure makes it look
+    /// for the master again).
+    async fn run(&self, batch: Batch) -> Result<Vec<redis::Value>, BrokerError> {
+        let mut pipe = redis::pipe();
+        for (_, cmd) in batch {
+            pipe.add_command(cmd);
+        }
+        self.query(pipe).await
+    }
+
+    fn clock_offset(&self) -> &AtomicI64 {
+        &self.clock_offset_ms
+    }
 }
 
 #[async_trait]
@@ -614,26 +600,11 @@ impl Broker for RedisBroker {
 #[async_trait]
 impl Cluster for RedisBroker {
     async fn add_connection(&self, c: &ConnectionRecord, ttl: Duration) -> Result<(), BrokerError> {
-        let until = self.now_ms() + ttl.as_millis() as i64;
-        let member = serde_json::to_string(c).expect("record serializes");
-        let key = conns_key(c.restaurant_id);
-        let mut pipe = redis::pipe();
-        pipe.zadd(&key, member, until)
-            .ignore()
-            .pexpire(&key, 2 * ttl.as_millis() as i64)
-            .ignore()
-            .zadd(ACTIVE, c.restaurant_id.to_string(), until)
-            .ignore()
-            .zadd(INSTANCES, &c.instance_id, until)
-            .ignore();
-        self.query::<()>(pipe).await
+        commands::add_connection(self, c, ttl).await
     }
 
     async fn remove_connection(&self, c: &ConnectionRecord) -> Result<(), BrokerError> {
-        let member = serde_json::to_string(c).expect("record serializes");
-        let mut pipe = redis::pipe();
-        pipe.zrem(conns_key(c.restaurant_id), member).ignore();
-        self.query::<()>(pipe).await
+        commands::remove_connection(self, c).await
     }
 
     async fn heartbeat(
@@ -642,37 +613,7 @@ impl Cluster for RedisBroker {
         connections: &[ConnectionRecord],
         ttl: Duration,
     ) -> Result<(), BrokerError> {
-        if let Err(e) = self.sync_clock().await {
-            tracing::debug!(error = %e, "could not read Redis' clock");
-        }
-        let now = self.now_ms();
-        let until = now + ttl.as_millis() as i64;
-        let mut by_restaurant: BTreeMap<RestaurantId, Vec<(i64, String)>> = BTreeMap::new();
-        for c in connections {
-            by_restaurant
-                .entry(c.restaurant_id)
-                .or_default()
-                .push((until, serde_json::to_string(c).expect("record serializes")));
-        }
-        let mut pipe = redis::pipe();
-        pipe.zadd(INSTANCES, instance_id, until)
-            .ignore()
-            .zrembyscore(INSTANCES, "-inf", now)
-            .ignore()
-            .zrembyscore(ACTIVE, "-inf", now)
-            .ignore();
-        for (r, members) in &by_restaurant {
-            let key = conns_key(*r);
-            pipe.zadd_multiple(&key, members)
-                .ignore()
-                .zrembyscore(&key, "-inf", now)
-                .ignore()
-                .pexpire(&key, 2 * ttl.as_millis() as i64)
-                .ignore()
-                .zadd(ACTIVE, r.to_string(), until)
-                .ignore();
-        }
-        self.query::<()>(pipe).await
+        commands::heartbeat(self, instance_id, connections, ttl).await
     }
 
     async fn remove_instance(
@@ -680,42 +621,19 @@ impl Cluster for RedisBroker {
         instance_id: &str,
         connections: &[ConnectionRecord],
     ) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.zrem(INSTANCES, instance_id).ignore();
-        for c in connections {
-            pipe.zrem(
-                conns_key(c.restaurant_id),
-                serde_json::to_string(c).expect("record serializes"),
-            )
-            .ignore();
-        }
-        self.query::<()>(pipe).await
+        commands::remove_instance(self, instance_id, connections).await
     }
 
     async fn connections(&self, r: RestaurantId) -> Result<Vec<ConnectionRecord>, BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.zrangebyscore(conns_key(r), self.now_ms(), "+inf");
-        let (members,): (Vec<String>,) = self.query(pipe).await?;
-        let mut out: Vec<ConnectionRecord> = members
-            .iter()
-            .filter_map(|m| serde_json::from_str(m).ok())
-            .collect();
-        out.sort_by_key(|c| c.connected_at);
-        Ok(out)
+        commands::connections(self, r).await
     }
 
     async fn live_instances(&self) -> Result<usize, BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.zcount(INSTANCES, self.now_ms(), "+inf");
-        let (n,): (usize,) = self.query(pipe).await?;
-        Ok(n)
+        commands::live_instances(self).await
     }
 
     async fn active_restaurants(&self) -> Result<Vec<RestaurantId>, BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.zrangebyscore(ACTIVE, self.now_ms(), "+inf");
-        let (members,): (Vec<String>,) = self.query(pipe).await?;
-        Ok(members.iter().filter_map(|m| m.parse().ok()).collect())
+        commands::active_restaurants(self).await
     }
 
     async fn try_acquire_leader(
@@ -735,47 +653,18 @@ impl Cluster for RedisBroker {
     }
 
     async fn leader(&self) -> Result<Option<String>, BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.get(LEADER_KEY);
-        let (token,): (Option<String>,) = self.query(pipe).await?;
-        Ok(token.as_deref().and_then(Lease::holder_of))
+        commands::leader(self).await
     }
 
     async fn poller_restaurants(&self) -> Result<Vec<RestaurantId>, BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.smembers(POLL_RESTAURANTS_KEY);
-        let (members,): (Vec<String>,) = self.query(pipe).await?;
-        Ok(members.iter().filter_map(|m| m.parse().ok()).collect())
+        commands::poller_restaurants(self).await
     }
 
     async fn load_poller_state(
         &self,
         restaurants: &[RestaurantId],
     ) -> Result<PollerState, BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.get(POLL_CURSOR_KEY).get(POLL_LAST_KEY);
-        for r in restaurants {
-            pipe.hgetall(poll_known_key(*r));
-        }
-        let values: Vec<redis::Value> = self.query(pipe).await?;
-        let mut it = values.into_iter();
-        let scalar = |v: Option<redis::Value>| -> Option<i64> {
-            v.and_then(|v| redis::from_redis_value::<Option<i64>>(v).ok().flatten())
-        };
-        let cursor_micros = scalar(it.next());
-        let last_poll_ms = scalar(it.next());
-        let mut state = PollerState {
-            cursor_micros,
-            last_poll_ms,
-            restaurants: HashMap::new(),
-        };
-        for (r, v) in restaurants.iter().zip(it) {
-            let map: HashMap<String, String> = redis::from_redis_value(v).unwrap_or_default();
-            if !map.is_empty() {
-                state.restaurants.insert(*r, map);
-            }
-        }
-        Ok(state)
+        commands::load_poller_state(self, restaurants).await
     }
 
     async fn save_poller_state(
