@@ -169,7 +169,7 @@ impl App {
         };
         let poller = db
             .as_ref()
-            .map(|db| Poller::new(db.clone(), backend.clone(), &config));
+            .map(|db| Poller::new(db.clone(), backend.clone(), &config, supervisor.clone()));
         let sessions = Arc::new(SessionContext {
             node: node.clone(),
             access: Access::new(verifier.clone(), db.clone()),
@@ -178,6 +178,7 @@ impl App {
             snapshots: snapshots.map(|s| Snapshots::new(s, node.clone(), SNAPSHOT_READS)),
             heartbeat_interval: config.heartbeat_interval(),
             send_queue_capacity: config.send_queue_capacity,
+            min_send_rate: config.min_send_bytes_per_sec,
             client_message_rate: NonZeroU32::new(config.client_message_rate).expect("validated"),
             shutdown: CancellationToken::new(),
             closing: Semaphore::new(CLOSE_CONCURRENCY),

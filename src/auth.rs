@@ -106,6 +106,8 @@ struct Jwks {
     /// across it: waiters queue behind it instead of fetching again); holds
     /// when the last fetch started, for the cooldown.
     fetching: tokio::sync::Mutex<Option<Instant>>,
+    /// Keys older than this are fetched again before the next token.
+    max_age: Duration,
 }
 
 /// Minimum time between two fetches of the JWKS document: bounds what a
@@ -125,6 +127,7 @@ impl Verifier {
             keys: RwLock::new(HashMap::new()),
             started: AtomicU64::new(0),
             fetching: tokio::sync::Mutex::new(None),
+            max_age: Duration::from_secs(cfg.jwt_jwks_max_age_secs),
         });
         Verifier {
             inner: Arc::new(Inner {
@@ -239,6 +242,7 @@ impl Verifier {
 impl Jwks {
     async fn key(&self, kid: Option<&str>) -> Result<(DecodingKey, Algorithm), AuthError> {
         let kid = kid.unwrap_or("");
+        self.refresh_if_old().await;
         // Read before the lookup: any fetch numbered above this one started
         // after the lookup missed, so it saw the document as of now or later.
         let arrived = self.started.load(Ordering::Acquire);
@@ -259,6 +263,19 @@ impl Jwks {
             Some(k) => Ok(k),
             None if self.is_empty() => Err(AuthError::KeysUnavailable),
             None => Err(AuthError::UnknownKey),
+        }
+    }
+
+    /// A key removed from the document must stop verifying: a copy older
+    /// than `max_age` is fetched again by the token that finds it so (the
+    /// others go on with the keys held, a fetch being in flight). A failed
+    /// or empty fetch keeps the keys and waits `max_age` again.
+    async fn refresh_if_old(&self) {
+        let Ok(mut last) = self.fetching.try_lock() else {
+            return;
+        };
+        if last.is_some_and(|at| at.elapsed() >= self.max_age) {
+            self.fetch(&mut last).await;
         }
     }
 

@@ -61,6 +61,11 @@ pub struct Config {
     /// JWKS document URL for RS256/ES256 tokens.
     #[arg(long, env = "JWT_JWKS_URL")]
     pub jwt_jwks_url: Option<String>,
+    /// The JWKS document is fetched again when the copy held is this old,
+    /// so a key removed from it (rotated out, or compromised) stops
+    /// verifying tokens within this bound.
+    #[arg(long, env = "JWT_JWKS_MAX_AGE_SECS", default_value_t = 600)]
+    pub jwt_jwks_max_age_secs: u64,
     /// Required `aud` when set.
     #[arg(long, env = "JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
@@ -100,6 +105,12 @@ pub struct Config {
     /// Frames queued per socket before it is closed with 4408.
     #[arg(long, env = "SEND_QUEUE_CAPACITY", default_value_t = 256)]
     pub send_queue_capacity: usize,
+    /// Slowest delivery a message may take beyond the 10 s no-progress
+    /// deadline: a message of N bytes (a snapshot, a catch-up replay as a
+    /// whole) must be read within 10 s + N / this, or the socket closes
+    /// with 4408. Bounds how long a client reading a trickle holds one.
+    #[arg(long, env = "MIN_SEND_BYTES_PER_SEC", default_value_t = 16_384)]
+    pub min_send_bytes_per_sec: u64,
     /// Client messages per second per socket (burst twice that); 4429 beyond.
     #[arg(long, env = "CLIENT_MESSAGE_RATE", default_value_t = 10)]
     pub client_message_rate: u32,
@@ -249,6 +260,13 @@ impl Config {
         // overflow date or Instant arithmetic later inside a background task.
         within("JWT_LEEWAY_SECONDS", self.jwt_leeway_seconds, 0, 300, "s")?;
         within(
+            "JWT_JWKS_MAX_AGE_SECS",
+            self.jwt_jwks_max_age_secs,
+            1,
+            86_400,
+            "s",
+        )?;
+        within(
             "POLL_INTERVAL_MS",
             self.poll_interval_ms,
             100,
@@ -298,6 +316,13 @@ impl Config {
             self.send_queue_capacity as u64,
             1,
             65_536,
+            "",
+        )?;
+        within(
+            "MIN_SEND_BYTES_PER_SEC",
+            self.min_send_bytes_per_sec,
+            1024,
+            1_000_000_000,
             "",
         )?;
         within(

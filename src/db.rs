@@ -67,7 +67,7 @@ pub const ORDER_COLUMNS: &str = order_columns!("");
 /// The same with each item's `name` from `menu_items` (a scalar subquery, not
 /// a join: a `menu_items` without a unique `id` must not duplicate items).
 pub const ORDER_COLUMNS_WITH_NAMES: &str = order_columns!(
-    ", 'name', (SELECT m.name FROM menu_items m WHERE m.id = i.menu_item_id LIMIT 1)"
+    ", 'name', (SELECT m.name::text FROM menu_items m WHERE m.id = i.menu_item_id LIMIT 1)"
 );
 
 fn order_columns(f: Features) -> &'static str {

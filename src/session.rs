@@ -104,6 +104,9 @@ pub struct SessionContext {
     pub snapshots: Option<Snapshots>,
     pub heartbeat_interval: Duration,
     pub send_queue_capacity: usize,
+    /// Bytes per second a message must at least leave at (beyond
+    /// [`SEND_TIMEOUT`]): see [`Pace`].
+    pub min_send_rate: u64,
     pub client_message_rate: NonZeroU32,
     pub shutdown: CancellationToken,
     /// Bounds how many sockets send their 1001 close at once on shutdown.
@@ -304,6 +307,33 @@ struct Session<'a> {
     overflowed: CancellationToken,
     /// Cancelled when the membership that admitted this socket is removed.
     revoked: Option<CancellationToken>,
+    /// Set while catching up: the replay (or snapshot) is paced as one.
+    pace: Option<Pace>,
+}
+
+/// The time a client has to read what it is sent. A deadline per fragment
+/// alone ([`SEND_TIMEOUT`]) lets a client that reads one fragment every
+/// few seconds hold a socket in a 5 MB snapshot for hours, outside the
+/// main loop; a floor on the rate bounds the whole: N bytes must be read
+/// within `SEND_TIMEOUT + N / min_send_rate` of the first.
+struct Pace {
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    /// Adds `len` bytes to what must leave; the deadline for all of them.
+    fn add(&mut self, len: usize, min_rate: u64) -> Instant {
+        self.bytes += len as u64;
+        self.start + SEND_TIMEOUT + Duration::from_secs_f64(self.bytes as f64 / min_rate as f64)
+    }
 }
 
 enum Step {
@@ -342,6 +372,7 @@ pub async fn run(ctx: Arc<SessionContext>, socket: Socket, admission: Admission)
         },
         overflowed: overflowed.clone(),
         revoked: None,
+        pace: None,
     };
     if let Err(e) = ctx.node.join(record, member).await {
         let reason = match e {
@@ -418,9 +449,14 @@ impl Session<'_> {
     /// Send one text message (UTF-8 JSON), in fragments of at most
     /// [`FRAGMENT`] bytes, each with a deadline. `Err` is how the socket ends.
     async fn send_text(&mut self, text: Bytes) -> Result<(), Step> {
+        let rate = self.ctx.min_send_rate;
+        let deadline = match &mut self.pace {
+            Some(pace) => pace.add(text.len(), rate),
+            None => Pace::new().add(text.len(), rate),
+        };
         if text.len() <= FRAGMENT {
             let frame = WireFrame::message(text, OpCode::Data(Data::Text), true);
-            return self.send(Message::Frame(frame)).await;
+            return self.send(Message::Frame(frame), deadline).await;
         }
         let mut start = 0;
         while start < text.len() {
@@ -434,7 +470,7 @@ impl Session<'_> {
             };
             let frame =
                 WireFrame::message(text.slice(start..end), OpCode::Data(op), end == text.len());
-            self.send(Message::Frame(frame)).await?;
+            self.send(Message::Frame(frame), deadline).await?;
             start = end;
         }
         Ok(())
@@ -445,28 +481,28 @@ impl Session<'_> {
     }
 
     /// One send, bounded: it ends the socket when it makes no progress for
-    /// [`SEND_TIMEOUT`] (4408), and while it waits the session still obeys
-    /// shutdown, its queue's overflow and its token's expiry. Most sends
-    /// complete at once and pay for none of these timers.
-    async fn send(&mut self, msg: Message) -> Result<(), Step> {
-        let Session {
-            socket,
-            ctx,
-            admission,
-            overflowed,
-            ..
-        } = self;
+    /// [`SEND_TIMEOUT`], or at `deadline` (its message's [`Pace`]), with
+    /// 4408; while it waits the session still obeys everything its main
+    /// loop does (see [`Session::interruption`]). Most sends complete at
+    /// once and pay for none of these timers.
+    async fn send(&mut self, msg: Message, deadline: Instant) -> Result<(), Step> {
+        let Session { socket, .. } = self;
         let mut send = std::pin::pin!(socket.send(msg));
         if let Poll::Ready(sent) = futures_util::poll!(send.as_mut()) {
             return sent.map_err(|_| Step::Gone);
         }
         metrics::counter!("orders_gateway_blocked_sends_total").increment(1);
+        let Session {
+            ctx,
+            admission,
+            overflowed,
+            revoked,
+            ..
+        } = self;
         tokio::select! {
             biased;
-            _ = ctx.shutdown.cancelled() => Err(Step::Close(CloseReason::ShuttingDown)),
-            _ = overflowed.cancelled() => Err(Step::Close(CloseReason::TooSlow)),
-            _ = sleep_until(expiry_instant(admission.expires_at)) => Err(expired()),
-            _ = sleep(SEND_TIMEOUT) => {
+            step = interruption(ctx, overflowed, revoked.as_ref(), admission.expires_at) => Err(step),
+            _ = sleep_until(deadline.min(Instant::now() + SEND_TIMEOUT)) => {
                 metrics::counter!("orders_gateway_send_timeouts_total").increment(1);
                 Err(Step::Close(CloseReason::TooSlow))
             }
@@ -488,11 +524,15 @@ impl Session<'_> {
                 }
             })
         };
+        let interrupted = interruption(
+            self.ctx,
+            &self.overflowed,
+            self.revoked.as_ref(),
+            self.admission.expires_at,
+        );
         tokio::select! {
             biased;
-            _ = self.ctx.shutdown.cancelled() => Err(Step::Close(CloseReason::ShuttingDown)),
-            _ = self.overflowed.cancelled() => Err(Step::Close(CloseReason::TooSlow)),
-            _ = sleep_until(expiry_instant(self.admission.expires_at)) => Err(expired()),
+            step = interrupted => Err(step),
             _ = sleep(SNAPSHOT_WAIT) => {
                 Err(Step::Close(CloseReason::Unavailable("snapshot unavailable, retry".into())))
             }
@@ -556,12 +596,8 @@ impl Session<'_> {
                 _ = &mut shutdown => Step::Close(CloseReason::ShuttingDown),
                 _ = &mut cut_off => Step::Close(CloseReason::TooSlow),
                 _ = &mut expiry => expired(),
-                _ = &mut revoked => Step::Close(CloseReason::Forbidden(
-                    "no longer a member of this restaurant".into(),
-                )),
-                _ = &mut lost => Step::Close(CloseReason::Unavailable(
-                    "this replica lost Redis; reconnect".into(),
-                )),
+                _ = &mut revoked => revoked_step(),
+                _ = &mut lost => lost_step(),
                 frame = queue.recv() => match frame {
                     Some(frame) => self.relay(frame).await,
                     None => Step::Close(CloseReason::TooSlow),
@@ -576,7 +612,8 @@ impl Session<'_> {
                     if last_heard.elapsed() > silence_limit {
                         Step::Close(CloseReason::HeartbeatTimeout)
                     } else {
-                        match self.send(Message::Ping(Bytes::new())).await {
+                        let deadline = Instant::now() + SEND_TIMEOUT;
+                        match self.send(Message::Ping(Bytes::new()), deadline).await {
                             Ok(()) => Step::Continue,
                             Err(step) => step,
                         }
@@ -594,6 +631,13 @@ impl Session<'_> {
     /// Resume from `last_event_id`, or send a snapshot; then
     /// `connection_established` has told the client which it got.
     async fn catch_up(&mut self) -> Result<(), Step> {
+        self.pace = Some(Pace::new());
+        let caught_up = self.catch_up_paced().await;
+        self.pace = None;
+        caught_up
+    }
+
+    async fn catch_up_paced(&mut self) -> Result<(), Step> {
         let r = self.admission.restaurant;
         let node = &self.ctx.node;
         let mut replay = None;
@@ -802,4 +846,44 @@ fn is_too_big(e: tungstenite::Error) -> bool {
 
 fn expired() -> Step {
     Step::Close(CloseReason::Unauthorized("token expired".into()))
+}
+
+fn revoked_step() -> Step {
+    Step::Close(CloseReason::Forbidden(
+        "no longer a member of this restaurant".into(),
+    ))
+}
+
+fn lost_step() -> Step {
+    Step::Close(CloseReason::Unavailable(
+        "this replica lost Redis; reconnect".into(),
+    ))
+}
+
+/// What ends a socket while it waits outside its main loop (a blocked
+/// send, its share of a snapshot read): the main loop's own reasons, so
+/// that no wait lets a socket outlive its shutdown, its queue, its token,
+/// its membership or its replica's Redis link. Built only when a wait
+/// actually blocks.
+async fn interruption(
+    ctx: &SessionContext,
+    overflowed: &CancellationToken,
+    revoked: Option<&CancellationToken>,
+    expires_at: i64,
+) -> Step {
+    let revoked = async {
+        match revoked {
+            Some(t) => t.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let lost = ctx.node.broker_lost();
+    tokio::select! {
+        biased;
+        _ = ctx.shutdown.cancelled() => Step::Close(CloseReason::ShuttingDown),
+        _ = overflowed.cancelled() => Step::Close(CloseReason::TooSlow),
+        _ = sleep_until(expiry_instant(expires_at)) => expired(),
+        _ = revoked => revoked_step(),
+        _ = lost.cancelled() => lost_step(),
+    }
 }

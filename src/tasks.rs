@@ -37,10 +37,29 @@ impl Supervisor {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        self.spawn_watched(name, fut, false)
+    }
+
+    /// Spawn `fut` as task `name` for a supervised task that starts it and
+    /// waits for its end (the poller's lease renewer and wake-up listener
+    /// live as long as one leadership): returning is its normal end; only
+    /// its panic is recorded. A bare `tokio::spawn` would hand the panic to
+    /// a `JoinHandle` nobody reads.
+    pub fn spawn_child<F>(&self, name: &'static str, fut: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.spawn_watched(name, fut, true)
+    }
+
+    fn spawn_watched<F>(&self, name: &'static str, fut: F, may_return: bool) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
         let me = self.clone();
         tokio::spawn(async move {
             match AssertUnwindSafe(fut).catch_unwind().await {
-                Ok(()) if me.stopping.is_cancelled() => {}
+                Ok(()) if may_return || me.stopping.is_cancelled() => {}
                 Ok(()) => me.record(name, "exited", "returned before shutdown".into()),
                 Err(panic) => {
                     let message = panic
@@ -87,5 +106,16 @@ mod tests {
         stop.cancel();
         sup.spawn("stopped", async {}).await.unwrap();
         assert_eq!(sup.failed().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_child_may_return_but_its_panic_is_recorded() {
+        let sup = Supervisor::new(CancellationToken::new());
+        sup.spawn_child("done", async {}).await.unwrap();
+        assert!(sup.failed().is_empty());
+        sup.spawn_child("renewer", async { panic!("kaput") })
+            .await
+            .unwrap();
+        assert_eq!(sup.failed(), vec!["renewer".to_string()]);
     }
 }

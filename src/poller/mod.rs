@@ -26,6 +26,7 @@ use crate::db::Database;
 use crate::domain::{
     DeletedOrder, EventBody, EventKind, Order, OrderVersion, RestaurantId, format_timestamp,
 };
+use crate::tasks::Supervisor;
 use diff::{Known, diff, published_micros};
 use wakeup::{Cause, Wakeup};
 
@@ -57,6 +58,8 @@ pub struct Poller {
     overlap: Duration,
     /// `LISTEN` connection for the wake-up; `None`: periodic ticks only.
     listen_url: Option<String>,
+    /// Where the lease renewer's and the listener's panics are recorded.
+    tasks: Supervisor,
 }
 
 /// The leader's working memory; mirrored in the backend for failover.
@@ -85,7 +88,7 @@ enum TickError {
 }
 
 impl Poller {
-    pub fn new(db: Database, backend: Arc<dyn Backend>, cfg: &Config) -> Poller {
+    pub fn new(db: Database, backend: Arc<dyn Backend>, cfg: &Config, tasks: Supervisor) -> Poller {
         Poller {
             db,
             backend,
@@ -94,6 +97,7 @@ impl Poller {
             ttl: cfg.leader_ttl(),
             overlap: Duration::from_millis(cfg.poll_overlap_ms).max(MIN_OVERLAP),
             listen_url: cfg.listen_url().map(str::to_string),
+            tasks,
         }
     }
 
@@ -136,21 +140,33 @@ impl Poller {
     /// Poll until the lease is lost or `stop`.
     async fn lead(&self, lease: &Lease, stop: &CancellationToken) {
         let lost = CancellationToken::new();
-        let renewer = tokio::spawn(renew(
-            self.backend.clone(),
-            lease.clone(),
-            self.ttl,
-            lost.clone(),
-            stop.clone(),
-        ));
+        let renewer = self.tasks.spawn_child(
+            "poller_lease",
+            renew(
+                self.backend.clone(),
+                lease.clone(),
+                self.ttl,
+                lost.clone(),
+                stop.clone(),
+            ),
+        );
         let mut progress = Progress::default();
         let mut loaded = false;
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_success = Instant::now();
         // The listener follows the lock: started here, stopped below.
-        let mut wake = self.listen_url.clone().map(Wakeup::start);
+        let mut wake = self
+            .listen_url
+            .clone()
+            .map(|url| Wakeup::start(url, &self.tasks));
         loop {
+            // A renewer that ended by panicking (recorded by the
+            // Supervisor) renews no more: stop leading rather than wait
+            // to be fenced.
+            if renewer.is_finished() {
+                break;
+            }
             let cause = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,

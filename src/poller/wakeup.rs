@@ -20,6 +20,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::tasks::Supervisor;
+
 /// The channel the migrations' triggers notify.
 pub const CHANNEL: &str = "orders_changed";
 /// Immediate ticks start at least this far apart. Ticks never overlap
@@ -94,13 +96,13 @@ pub struct Wakeup {
 }
 
 impl Wakeup {
-    pub fn start(url: String) -> Wakeup {
+    pub fn start(url: String, tasks: &Supervisor) -> Wakeup {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             notify: Notify::new(),
         });
         let stop = CancellationToken::new();
-        let task = tokio::spawn(listen(url, shared.clone(), stop.clone()));
+        let task = tasks.spawn_child("poller_wakeup", listen(url, shared.clone(), stop.clone()));
         Wakeup {
             shared,
             stop,

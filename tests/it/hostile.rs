@@ -231,3 +231,102 @@ async fn a_big_snapshot_arrives_whole_as_one_message() {
     ws.send_text(r#"{"type":"ping"}"#).await;
     assert_eq!(ws.json().await["type"], "pong");
 }
+
+/// Issue 10, item 2: a client that reads, but slowly, must not hold a
+/// socket for as long as a big snapshot would take it: the message as a
+/// whole has a deadline (`MIN_SEND_BYTES_PER_SEC`), not only each fragment.
+/// The reader is fast enough that no fragment waits 10 s (the kernel wakes
+/// a blocked writer only after half its send buffer drained, so a slower
+/// trickle is cut by the per-fragment deadline already), and far slower
+/// than the floor set here.
+#[tokio::test]
+async fn a_client_reading_a_big_snapshot_too_slowly_is_closed_with_4408() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let r = Uuid::new_v4();
+    // ~15 MB: far more than the socket buffers hold.
+    bulk_orders(&pool, r, 40_000).await;
+    let mut cfg = config();
+    cfg.database_url = Some(db.url.clone());
+    // 15 MB must leave within 10 s + 7.5 s; at 400 KB/s it takes ~38 s.
+    cfg.min_send_bytes_per_sec = 2_000_000;
+    let gw = Gateway::start(cfg).await;
+    let mut ws = never_reading(&gw.ws_url(&format!("token={}", token(r))), gw.addr).await;
+    let started = tokio::time::Instant::now();
+    let reader = tokio::spawn(async move {
+        const RATE: f64 = 400_000.0;
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut read = 0usize;
+        loop {
+            match ws.get_mut().read(&mut buf).await {
+                Ok(0) | Err(_) => return read,
+                Ok(n) => read += n,
+            }
+            let due = Duration::from_secs_f64(read as f64 / RATE);
+            tokio::time::sleep_until(started + due).await;
+        }
+    });
+    eventually(Duration::from_secs(10), || async {
+        (local_connections(&gw, r).await == 1).then_some(())
+    })
+    .await;
+    // Past the deadline, well before the snapshot would have been read.
+    tokio::time::sleep_until(started + Duration::from_secs(24)).await;
+    assert_eq!(
+        local_connections(&gw, r).await,
+        0,
+        "a socket read at 400 KB/s still open past its 17.5 s deadline"
+    );
+    let m = metrics(&format!("http://{}", gw.addr)).await;
+    assert!(
+        m.contains(r#"orders_gateway_connections_closed_total{code="4408"}"#),
+        "{m}"
+    );
+    reader.abort();
+}
+
+/// A send blocked on a client that does not read is no shelter: a member
+/// removed from `restaurant_members` loses the socket within the re-check
+/// period (4403), not only when the send's own 10 s deadline ends it.
+#[tokio::test]
+async fn a_removed_member_is_closed_while_its_snapshot_send_is_blocked() {
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let r = Uuid::new_v4();
+    bulk_orders(&pool, r, 20_000).await;
+    let user = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO restaurant_members (user_id, restaurant_id, role) VALUES ($1, $2, 'staff')",
+    )
+    .bind(user)
+    .bind(r)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut cfg = config();
+    cfg.database_url = Some(db.url.clone());
+    cfg.membership_recheck_ms = 300;
+    let gw = Gateway::start(cfg).await;
+    let member = token_with(json!({ "sub": user, "exp": Utc::now().timestamp() + 600 }));
+    let _ws = never_reading(&gw.ws_url(&format!("token={member}")), gw.addr).await;
+    eventually(Duration::from_secs(10), || async {
+        (local_connections(&gw, r).await == 1).then_some(())
+    })
+    .await;
+    // Let the snapshot fill the socket buffers and block.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sqlx::query("DELETE FROM restaurant_members WHERE user_id = $1")
+        .bind(user)
+        .execute(&pool)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(4), || async {
+        (local_connections(&gw, r).await == 0).then_some(())
+    })
+    .await;
+    let m = metrics(&format!("http://{}", gw.addr)).await;
+    assert!(
+        m.contains(r#"orders_gateway_connections_closed_total{code="4403"}"#),
+        "{m}"
+    );
+}

@@ -229,3 +229,27 @@ async fn each_keys_use_and_alg_are_honoured() {
         );
     }
 }
+
+/// A key taken out of the document (rotated out, or leaked) stops
+/// verifying within `JWT_JWKS_MAX_AGE_SECS`, even though tokens signed
+/// with it name a `kid` the gateway already holds.
+#[tokio::test]
+async fn a_key_removed_from_the_jwks_stops_verifying_within_the_max_age() {
+    let leaked = EcKey::generate("leaked");
+    let next = EcKey::generate("next");
+    let keys = KeyServer::start(jwks(&[&leaked.jwk, &next.jwk])).await;
+    let mut cfg = config();
+    cfg.jwt_secret = None;
+    cfg.jwt_jwks_url = Some(keys.url.clone());
+    cfg.jwt_jwks_max_age_secs = 1;
+    let gw = Gateway::start(cfg).await;
+    let r = Uuid::new_v4();
+    assert_eq!(connects(&gw, &leaked.token(r)).await, Ok(()));
+    keys.serve(StatusCode::OK, jwks(&[&next.jwk]).to_string());
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        connects(&gw, &leaked.token(r)).await.map_err(|(c, _)| c),
+        Err(4401)
+    );
+    assert_eq!(connects(&gw, &next.token(r)).await, Ok(()));
+}

@@ -865,6 +865,48 @@ async fn items_carry_their_menu_names_when_the_table_exists() {
     assert_eq!(ev["order"]["items"][0]["name"], "Tiramisu", "{ev}");
 }
 
+/// A foreign `menu_items` whose `name` is not text (here jsonb, as schemas
+/// with translated names have) must not cost the order: its items carry
+/// the name's text form, and the order arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_menu_name_that_is_not_text_does_not_drop_the_order() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    let pizza = Uuid::new_v4();
+    sqlx::raw_sql("CREATE TABLE menu_items (id uuid PRIMARY KEY, name jsonb)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(r#"INSERT INTO menu_items (id, name) VALUES ($1, '{"en": "Margherita"}')"#)
+        .bind(pizza)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let gw = Gateway::start(cfg(&redis, &db)).await;
+    let r = Uuid::new_v4();
+    let (mut ws, _) = board(gw.ws_url(&format!("token={}", token(r)))).await;
+    captured(&redis).await;
+
+    let id = Uuid::new_v4();
+    let mut tx = pool.begin().await.unwrap();
+    insert_order_in(&mut tx, id, r, "pending", 0).await;
+    sqlx::query(
+        "INSERT INTO order_items (id, order_id, menu_item_id, quantity, unit_price) \
+         VALUES (gen_random_uuid(), $1, $2, 1, 9.50)",
+    )
+    .bind(id)
+    .bind(pizza)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
+    assert_eq!(ev["order"]["id"], id.to_string(), "{ev}");
+    let name = ev["order"]["items"][0]["name"].as_str().unwrap_or_default();
+    assert!(name.contains("Margherita"), "{ev}");
+}
+
 // ---------------------------------------------------------------- no missed commits
 
 /// A transaction that stamps its rows at its start but commits seconds later,
