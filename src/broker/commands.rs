@@ -214,22 +214,6 @@ pub(super) async fn leader(c: &(impl Commands + ?Sized)) -> Result<Option<String
     Ok(token.as_deref().and_then(Lease::holder_of))
 }
 
-/// The poller lock of release 0.1 (its unversioned `orders_gateway`
-/// library, before the hash-tagged key layout). Replicas of 0.1 know only
-/// this lock, so during a rolling deploy from 0.1 ours must defer to it:
-/// none of ours takes the lease while it is held, and a leader of ours that
-/// sees it appear steps down at its next renewal. Otherwise both releases
-/// would poll and publish every change, each under its own numbering, for
-/// the whole rollout. Single node and Sentinel only (0.1 had no Cluster
-/// mode); drop it once no 0.1 replica can run.
-pub const LEGACY_LEADER_KEY: &str = "og:leader";
-
-pub(super) async fn legacy_leader_held(c: &(impl Commands + ?Sized)) -> Result<bool, BrokerError> {
-    let key = LEGACY_LEADER_KEY;
-    let n: i64 = one(c, key, redis::Cmd::exists(key)).await?;
-    Ok(n > 0)
-}
-
 pub(super) async fn poller_restaurants(
     c: &(impl Commands + ?Sized),
 ) -> Result<Vec<RestaurantId>, BrokerError> {

@@ -641,18 +641,10 @@ impl Cluster for RedisBroker {
         instance_id: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>, BrokerError> {
-        if commands::legacy_leader_held(self).await? {
-            return Ok(None);
-        }
         functions::acquire_leader(self, instance_id, ttl).await
     }
 
     async fn renew_leader(&self, lease: &Lease, ttl: Duration) -> Result<bool, BrokerError> {
-        if commands::legacy_leader_held(self).await? {
-            tracing::warn!("poller: a replica of release 0.1 holds its lock; stepping down");
-            functions::release_leader(self, lease).await?;
-            return Ok(false);
-        }
         functions::renew_leader(self, lease, ttl).await
     }
 

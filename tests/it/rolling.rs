@@ -9,11 +9,7 @@ use orders_gateway::domain::RestaurantId;
 use serde_json::json;
 use uuid::Uuid;
 
-use std::time::Duration;
-
-use crate::support::{
-    Gateway, Redis, TestDb, config, eventually, get_json, order_json, post_event, token,
-};
+use crate::support::{Gateway, Redis, config, order_json, post_event};
 
 /// A modified copy of this build's library posing as the previous version:
 /// its own names, and a publish whose answer shows whose code ran.
@@ -132,39 +128,40 @@ async fn fcall<T: redis::FromRedisValue>(redis: &Redis, function: &str, args: &[
     cmd.query_async(&mut conn).await.unwrap()
 }
 
-/// A rolling deploy from the real release 0.1 (unversioned library, its
-/// own lock `og:leader`): both libraries stay loaded, and the two releases'
-/// pollers never lead at once, whichever took its lock first.
+/// Release 0.1's real library (unversioned `orders_gateway`, functions
+/// without a suffix) and this build's, in one Redis: installing either
+/// leaves the other's functions loaded and working.
 #[tokio::test]
-async fn release_0_1_and_this_build_never_poll_at_once_during_a_rollout() {
+async fn release_0_1s_library_and_this_builds_stay_loaded_side_by_side() {
     let redis = Redis::start().await;
-    let db = TestDb::create().await;
     load(&redis, RELEASE_0_1).await.expect("0.1 library loads");
-    // A 0.1 replica leads.
-    let old: Option<String> =
-        fcall(&redis, "og_leader_acquire", &["old-replica", "60000", "n1"]).await;
-    let old = old.expect("the 0.1 replica takes its lock");
     let mut cfg = config();
     cfg.redis_url = Some(redis.url());
-    cfg.database_url = Some(db.url.clone());
-    cfg.poll_interval_ms = 200;
-    cfg.leader_ttl_ms = Some(1500);
     let gw = Gateway::start(cfg).await;
+    let base = format!("http://{}", gw.addr);
     let r = Uuid::new_v4();
-    let leader = || async {
-        let (status, v) = get_json(&gw.http("/api/ws/orders/live/status"), &token(r)).await;
-        assert_eq!(status, 200, "{v}");
-        v["realtime"]["poller_leader"].as_str().map(str::to_string)
-    };
-    // Several of its lease periods: it never takes over.
-    for _ in 0..10 {
-        assert_eq!(
-            leader().await,
-            None,
-            "led while a 0.1 replica held its lock"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let publish =
+        |id: Uuid| json!({"type": "order_created", "order": order_json(r, id, "pending")});
+    let (status, body) = post_event(&base, &publish(Uuid::new_v4())).await;
+    assert_eq!(status, 202, "{body}");
+    // A 0.1 replica restarting reinstalls its library with REPLACE.
+    load(&redis, RELEASE_0_1)
+        .await
+        .expect("0.1 library reloads");
+    let (status, body) = post_event(&base, &publish(Uuid::new_v4())).await;
+    assert_eq!(status, 202, "{body}");
+    // 0.1's own publish still runs its own code (its numbering, its keys).
+    let old: (String, i64) = fcall(
+        &redis,
+        "og_publish",
+        &[
+            &r.to_string(),
+            "",
+            &json!({"type": "order_created"}).to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(old.1, 0, "{old:?}");
     let mut conn = redis.client().await;
     let listed: redis::Value = redis::cmd("FUNCTION")
         .arg("LIST")
@@ -178,26 +175,6 @@ async fn release_0_1_and_this_build_never_poll_at_once_during_a_rollout() {
     ] {
         assert!(listed.contains(name), "{name} missing from {listed}");
     }
-    // The 0.1 leader goes (its replica is replaced): ours takes over.
-    let released: i64 = fcall(&redis, "og_leader_release", &[&old]).await;
-    assert_eq!(released, 1);
-    eventually(Duration::from_secs(5), || async {
-        (leader().await.as_deref() == Some(gw.instance_id.as_str())).then_some(())
-    })
-    .await;
-    // A 0.1 replica still running sees its lock free and takes it (it knows
-    // no other): ours steps down within a renewal period.
-    let again: Option<String> = fcall(
-        &redis,
-        "og_leader_acquire",
-        &["old-replica-2", "60000", "n2"],
-    )
-    .await;
-    assert!(again.is_some());
-    eventually(Duration::from_secs(3), || async {
-        leader().await.is_none().then_some(())
-    })
-    .await;
 }
 
 #[test]
