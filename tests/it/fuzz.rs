@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 use crate::support::{
-    Gateway, Next, PUBLISH_KEY, SECRET, Ws, config, dashboard, order_json, token,
+    Gateway, Next, PUBLISH_KEY, Redis, SECRET, Ws, config, dashboard, order_json, token,
 };
 
 /// Found by `channel_payloads_get_their_documented_verdict`: serde reads a
@@ -203,6 +203,44 @@ proptest! {
     ]) {
         // At most the one generated key; random ones never parse.
         prop_assert!(parse_jwks(doc.as_bytes()).len() <= 1);
+    }
+
+    /// Real keys (tests/fixtures/jwks.json) under arbitrary `use`, `alg`
+    /// and `kid`: each is kept exactly when its `use` is absent or "sig" and
+    /// its `alg` is absent or the one its type implies; a repeated `kid`
+    /// keeps the first.
+    #[test]
+    fn jwks_keys_are_kept_exactly_by_their_use_and_alg(
+        variants in prop::collection::vec((
+            0usize..2,
+            prop::option::of(prop_oneof![Just("sig"), Just("enc"), Just(""), Just("SIG")]),
+            prop::option::of(prop_oneof![Just("RS256"), Just("ES256"), Just("HS256"), Just("none"), Just("RS512")]),
+            prop_oneof![Just("a"), Just("b"), Just("c")],
+        ), 0..6),
+    ) {
+        let fixture: Value = serde_json::from_str(include_str!("../fixtures/jwks.json")).unwrap();
+        let real = fixture["keys"].as_array().unwrap();
+        let mut doc = Vec::new();
+        let mut expected: Vec<(String, Algorithm)> = Vec::new();
+        for (which, usage, alg, kid) in &variants {
+            let mut key = real[*which].clone();
+            let implied = if key["kty"] == "RSA" { "RS256" } else { "ES256" };
+            let obj = key.as_object_mut().unwrap();
+            obj.insert("kid".into(), json!(kid));
+            match usage { Some(u) => { obj.insert("use".into(), json!(u)); } None => { obj.remove("use"); } }
+            match alg { Some(a) => { obj.insert("alg".into(), json!(a)); } None => { obj.remove("alg"); } }
+            doc.push(key);
+            let usable = usage.is_none_or(|u| u == "sig") && alg.is_none_or(|a| a == implied);
+            if usable && !expected.iter().any(|(k, _)| k == kid) {
+                let alg = if implied == "RS256" { Algorithm::RS256 } else { Algorithm::ES256 };
+                expected.push((kid.to_string(), alg));
+            }
+        }
+        let parsed = parse_jwks(json!({ "keys": doc }).to_string().as_bytes());
+        let mut got: Vec<(String, Algorithm)> = parsed.iter().map(|(k, (_, a))| (k.clone(), *a)).collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        expected.sort_by(|a, b| a.0.cmp(&b.0));
+        prop_assert_eq!(got, expected);
     }
 }
 
@@ -391,10 +429,14 @@ async fn socket_query_strings_get_a_documented_close_or_connect() {
 }
 
 /// Publish bodies: 202/200 for a valid event, else a JSON error with 400,
-/// 413 or 415; never a 5xx.
+/// 413 or 415; never a 5xx. Through real Redis, so every accepted body
+/// also passes the server-side step (`og_publish`).
 #[tokio::test]
 async fn publish_bodies_get_a_documented_status() {
-    let gw = Gateway::start(config()).await;
+    let redis = Redis::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    let gw = Gateway::start(cfg).await;
     let base = format!("http://{}", gw.addr);
     let r = Uuid::new_v4();
     let bodies = sample(
@@ -418,6 +460,15 @@ async fn publish_bodies_get_a_documented_status() {
                     order[field] = v;
                     json!({"type": kind, "order": order, "previous_status": "pending"}).to_string()
                 }),
+            // Valid events with arbitrary text where free text is allowed:
+            // these must be accepted (202), whatever the characters.
+            (text(), text(), text()).prop_map(move |(name, phone, item)| {
+                let mut order = order_json(r, Uuid::new_v4(), "pending");
+                order["customer_name"] = json!(name);
+                order["customer_phone"] = json!(phone);
+                order["items"][0]["name"] = json!(item);
+                json!({"type": "order_created", "order": order, "valid": true}).to_string()
+            }),
         ],
         150,
     );
@@ -433,6 +484,9 @@ async fn publish_bodies_get_a_documented_status() {
             .unwrap();
         let status = resp.status().as_u16();
         let answer: Value = resp.json().await.unwrap_or(Value::Null);
+        if body.contains(r#""valid":true"#) {
+            assert_eq!(status, 202, "{body} -> {answer}");
+        }
         match status {
             200 | 202 => assert!(answer["event_id"].is_string(), "{body} -> {answer}"),
             400 | 413 | 415 => assert!(answer["error"]["code"].is_string(), "{body} -> {answer}"),
@@ -441,4 +495,61 @@ async fn publish_bodies_get_a_documented_status() {
     }
     let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(health.status(), 200);
+}
+
+/// Payloads on `orders:<rid>` from anyone who can write to Redis, end to
+/// end: bytes that are not UTF-8, not JSON, not an event, too big for a
+/// client frame, another restaurant's order, a bad event id. None reaches the dashboard, none
+/// stops the replica's receiver: the valid event published after them
+/// arrives, and is the first thing the dashboard sees.
+#[tokio::test]
+async fn garbage_on_the_restaurant_channel_is_dropped_and_delivery_goes_on() {
+    let redis = Redis::start().await;
+    let mut cfg = config();
+    cfg.redis_url = Some(redis.url());
+    let gw = Gateway::start(cfg).await;
+    let r = Uuid::new_v4();
+    let (mut ws, _) = dashboard(&gw.ws_url(&format!("token={}", token(r)))).await;
+    let channel = RestaurantId(r).channel();
+    let mut conn = redis.client().await;
+    let other = order_json(Uuid::new_v4(), Uuid::new_v4(), "pending");
+    let mut payloads: Vec<Vec<u8>> = vec![
+        vec![0xff, 0xfe, 0x00, 0x80],
+        b"".to_vec(),
+        vec![b'{'; 70_000],
+        br#"["order_created"]"#.to_vec(),
+        json!({"event_id": "0000000000001-000000000001", "type": "order_created", "order": other})
+            .to_string()
+            .into_bytes(),
+        json!({"event_id": "not-an-id", "type": "order_created", "order": order_json(r, Uuid::new_v4(), "pending")})
+            .to_string()
+            .into_bytes(),
+    ];
+    // Random text, less what the documented rule calls an event (an
+    // object with a string `type` is forwarded, unknown types included).
+    payloads.extend(
+        sample(text(), 60)
+            .into_iter()
+            .filter(|t| Frame::parse(RestaurantId(r), Utf8Bytes::from(t.clone())).is_err())
+            .map(String::into_bytes),
+    );
+    for p in payloads {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(p)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let id = Uuid::new_v4();
+    let (status, body) = crate::support::post_event(
+        &format!("http://{}", gw.addr),
+        &json!({"type": "order_created", "order": order_json(r, id, "pending")}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    match ws.next(Duration::from_secs(5)).await {
+        Next::Json(v) => assert_eq!(v["order"]["id"], id.to_string(), "{v}"),
+        other => panic!("expected the valid event, got {other:?}"),
+    }
 }
