@@ -112,6 +112,39 @@ fn bad_configuration_is_one_line_naming_the_variable() {
             vec![secret, ("JWT_LEEWAY_SECONDS", "86400")],
             "JWT_LEEWAY_SECONDS",
         ),
+        (
+            vec![secret, ("JWT_JWKS_MAX_AGE_SECS", "0")],
+            "JWT_JWKS_MAX_AGE_SECS",
+        ),
+        (
+            vec![secret, ("MIN_SEND_BYTES_PER_SEC", "0")],
+            "MIN_SEND_BYTES_PER_SEC",
+        ),
+        (
+            vec![secret, ("SEND_QUEUE_CAPACITY", "0")],
+            "SEND_QUEUE_CAPACITY",
+        ),
+        (
+            vec![secret, ("MAX_CONNECTIONS_PER_RESTAURANT", "0")],
+            "MAX_CONNECTIONS_PER_RESTAURANT",
+        ),
+        (
+            vec![secret, ("MEMBERSHIP_RECHECK_MS", "18446744073709551615")],
+            "MEMBERSHIP_RECHECK_MS",
+        ),
+        (
+            vec![secret, ("REDIS_LOST_CLOSE_MS", "1")],
+            "REDIS_LOST_CLOSE_MS",
+        ),
+        (
+            vec![secret, ("HEADER_READ_TIMEOUT_MS", "0")],
+            "HEADER_READ_TIMEOUT_MS",
+        ),
+        (
+            vec![secret, ("HANDSHAKE_TIMEOUT_MS", "18446744073709551615")],
+            "HANDSHAKE_TIMEOUT_MS",
+        ),
+        (vec![secret, ("MAX_HANDSHAKES", "0")], "MAX_HANDSHAKES"),
     ] {
         let (code, stderr) = start_with(&env);
         assert_eq!(code, Some(2), "{env:?}: {stderr}");
