@@ -751,7 +751,17 @@ impl Session<'_> {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, SinkExt::flush(&mut self.socket)).await;
                 return Step::Gone;
             }
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Step::Continue,
+            // tungstenite answers a ping by itself, so each costs a write:
+            // counted like any client message. (Our own pings' pongs come
+            // once per heartbeat and fit the burst.)
+            Message::Ping(_) | Message::Pong(_) => {
+                return if limiter.check().is_err() {
+                    self.flooded()
+                } else {
+                    Step::Continue
+                };
+            }
+            Message::Frame(_) => return Step::Continue,
             Message::Text(t) => t,
             Message::Binary(_) => {
                 if limiter.check().is_err() {

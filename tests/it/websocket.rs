@@ -80,6 +80,27 @@ async fn floods_close_with_4429_and_limits_apply() {
     dashboard(&gw.ws_url(&format!("token={}", token(Uuid::new_v4())))).await;
 }
 
+/// WebSocket control frames cost the server a pong each: a flood of
+/// them is a flood like any other (4429), not free.
+#[tokio::test]
+async fn a_flood_of_websocket_pings_closes_with_4429() {
+    let mut cfg = config();
+    cfg.client_message_rate = 5;
+    let gw = Gateway::start(cfg).await;
+    let url = gw.ws_url(&format!("token={}", token(Uuid::new_v4())));
+    let (mut flooder, _) = dashboard(&url).await;
+    for _ in 0..200 {
+        if flooder
+            .send_raw(Message::Ping(vec![7; 16].into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(flooder.close_code().await, 4429);
+}
+
 #[tokio::test]
 async fn oversized_frame_closes_1009_and_leaves_others_alone() {
     let gw = Gateway::start(config()).await;
