@@ -269,6 +269,28 @@ describe('live board', () => {
       assert.equal(await chimes(), 2, 'exactly one chime per new order');
       assert.equal(await alerts(), 2);
 
+      // A resync bringing several orders the board has not seen: one chime
+      // each, not a capped "some sound".
+      const open = [a, nextVersion(c2, { order_status: 'preparing' }), d];
+      const burst = Array.from({ length: 5 }, () => makeOrder());
+      conn.send({ type: 'resync_required', reason: 'history lost' });
+      conn.send({ type: 'snapshot', orders: [...open, ...burst], last_event_id: '0000000004' });
+      for (const o of burst) await b.cardIn('pending', o.id).waitFor();
+      await waitFor(async () => (await chimes()) >= 7, { message: 'five chimes for five new orders' }).catch(() => {});
+      await page.waitForTimeout(300);
+      assert.equal(await chimes() - 2, 5, 'a burst of 5 new orders rings 5 chimes');
+      assert.equal(await alerts(), 7);
+
+      // A huge resync (a screen back after a long outage) rings at most 20
+      // times, so it does not keep ringing for half a minute; every order
+      // still counts as an alert.
+      const flood = Array.from({ length: 25 }, () => makeOrder());
+      conn.send({ type: 'resync_required', reason: 'history lost' });
+      conn.send({ type: 'snapshot', orders: [...open, ...burst, ...flood], last_event_id: '0000000005' });
+      for (const o of flood) await b.cardIn('pending', o.id).waitFor();
+      await waitFor(async () => (await alerts()) === 32, { message: '25 more alerts' });
+      await page.waitForTimeout(300);
+      assert.equal(await chimes() - 7, 20, 'a burst of 25 new orders rings the bound of 20 chimes');
 
       conn.close(1001, 'server shutting down');
       await b.waitState('reconnecting');
