@@ -1228,6 +1228,8 @@ def check_dashboard_promtool() -> None:
 
 
 def check_dashboard_metrics() -> None:
+    # Names quoted in src/, not what a running gateway exports (nor its
+    # labels): scripts/check_api.py holds the dashboard to a live /metrics.
     exported = exported_metrics()
     unknown = []
     for title, expr in dashboard_queries():
