@@ -165,6 +165,8 @@ describe('live board', () => {
               b.card(o.id).evaluate((el) => getComputedStyle(el).borderTopColor)));
             assert.notEqual(lateBorder, onTimeBorder, `${view}: the late card's frame looks like any other`);
           }
+          // The longest order number and the 7-item card, for a human to look at.
+          if (status === 'preparing') await screenshot(`board-${size}-preparing.png`);
         }
         for (const [sel, min] of Object.entries(READABLE)) {
           assert.ok(fontMin[sel] !== undefined, `${size}: no ${sel} shown`);
