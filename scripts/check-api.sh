@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Holds the HTTP API to docs/openapi.json (served at /api/openapi.json):
 # validates the document, compares its paths with the router, and runs
-# Schemathesis against a live gateway (the real binary, loopback only).
+# Schemathesis against a live gateway (the real binary, loopback only); then
+# holds the Grafana dashboard's metric and label names to that gateway's
+# /metrics (after publishes and WebSocket sessions).
 #
 #   cargo build && scripts/check-api.sh
 #   SCHEMATHESIS_SEED=random SCHEMATHESIS_MAX_EXAMPLES=500 scripts/check-api.sh   # explore more

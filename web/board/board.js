@@ -379,11 +379,18 @@ soundButton.addEventListener('click', (e) => {
 });
 document.addEventListener('pointerdown', unlockAudio);
 
-/** One two-tone chime per new order, spaced; a burst rings at most 3 times. */
+/**
+ * Chimes rung for one burst at most: a resync after a long outage can bring
+ * dozens of orders at once, and 0.45 s apart, 20 chimes already ring for 9 s;
+ * ringing 50 would go on for 20+ s. Every order still flashes and counts.
+ */
+const MAX_CHIMES_PER_BURST = 20;
+
+/** One two-tone chime per new order, 0.45 s apart so each one can be counted by ear. */
 function beep(times = 1) {
   if (!soundWanted || !audio || audio.state !== 'running') return;
   const now = audio.currentTime;
-  for (let i = 0; i < Math.min(times, 3); i++) chime(now + i * 0.45);
+  for (let i = 0; i < Math.min(times, MAX_CHIMES_PER_BURST); i++) chime(now + i * 0.45);
 }
 
 function chime(t) {

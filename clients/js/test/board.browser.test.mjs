@@ -10,6 +10,13 @@ import { startFakeServer } from './helpers/fake-server.mjs';
 import { makeOrder, nextVersion, waitFor } from './helpers/util.mjs';
 
 const BOARD_FROM_REPO = process.env.BOARD_FROM_REPO === '1';
+const COLUMNS = ['pending', 'confirmed', 'preparing', 'ready', 'served'];
+// web/board/board.js UNNAMED_ITEM (not importable here: it needs a DOM).
+const UNNAMED_ITEM = 'Item';
+// Smallest font size (px) of every shown instance, readable from two metres:
+// the order's distinguishing number and the item lines are big, the
+// connection state bigger than body text.
+const READABLE = { '.order-tail': 24, '.items li': 15, '.elapsed': 18, '#connection-state': 15 };
 
 function unavailable(...checks) {
   for (const check of checks) {
@@ -118,16 +125,54 @@ describe('live board', () => {
         await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
         const phone = width < 700;
 
-        const report = await page.evaluate(layoutProblems);
-        assert.deepEqual(report.problems, [], `${size}: layout problems`);
-        assert.ok(report.checkedCards >= (phone ? 1 : orders.length), `${size}: cards were checked`);
+        // A phone shows one column at a time: every tab is its own layout
+        // (the longest order number and the 7-item card are not in Pending).
+        const views = phone ? COLUMNS : [null];
+        const fontMin = {};
+        for (const status of views) {
+          const view = status ? `${size} ${status} tab` : size;
+          if (status) {
+            await page.click(`[data-tab="${status}"]`);
+            await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+          }
+          const report = await page.evaluate(layoutProblems);
+          assert.deepEqual(report.problems, [], `${view}: layout problems`);
+          const expected = status ? orders.filter((o) => o.order_status === status).length : orders.length;
+          assert.equal(report.checkedCards, expected, `${view}: cards checked`);
 
-        // Readable from two metres: the order's distinguishing number and the
-        // item lines are big, the connection state bigger than body text.
-        for (const [sel, min] of [['.order-tail', 24], ['.items li', 15], ['.elapsed', 18], ['#connection-state', 15]]) {
-          const px = await page.locator(sel).first().evaluate((el) => parseFloat(getComputedStyle(el).fontSize));
-          assert.ok(px >= min, `${size}: ${sel} font-size ${px}px < ${min}px`);
+          // Readable from two metres: the smallest shown instance counts,
+          // not whichever happens to come first in the document.
+          const sizes = await page.evaluate((sels) => Object.fromEntries(sels.map((sel) => {
+            const px = [...document.querySelectorAll(sel)]
+              .filter((el) => el.getClientRects().length > 0)
+              .map((el) => parseFloat(getComputedStyle(el).fontSize));
+            return [sel, px.length ? Math.min(...px) : null];
+          })), Object.keys(READABLE));
+          for (const [sel, px] of Object.entries(sizes)) {
+            if (px !== null) fontMin[sel] = Math.min(fontMin[sel] ?? Infinity, px);
+          }
+
+          // A late order stands out: its LATE badge is shown, and no other
+          // card's is (the badge is in every card, hidden by CSS).
+          for (const order of orders) {
+            if (status && order.order_status !== status) continue;
+            const card = b.cardIn(order.order_status, order.id);
+            const shown = await card.locator('.late-badge').isVisible();
+            assert.equal(shown, order === orders[0], `${view}: late badge of ${order.order_number} ${shown ? 'shown' : 'hidden'}`);
+          }
+          if (!status || status === orders[0].order_status) {
+            const [lateBorder, onTimeBorder] = await Promise.all([orders[0], orders[1]].map((o) =>
+              b.card(o.id).evaluate((el) => getComputedStyle(el).borderTopColor)));
+            assert.notEqual(lateBorder, onTimeBorder, `${view}: the late card's frame looks like any other`);
+          }
+          // The longest order number and the 7-item card, for a human to look at.
+          if (status === 'preparing') await screenshot(`board-${size}-preparing.png`);
         }
+        for (const [sel, min] of Object.entries(READABLE)) {
+          assert.ok(fontMin[sel] !== undefined, `${size}: no ${sel} shown`);
+          assert.ok(fontMin[sel] >= min, `${size}: smallest ${sel} font-size ${fontMin[sel]}px < ${min}px`);
+        }
+        if (phone) await page.click('[data-tab="pending"]');
 
         // One column at a time on a phone; all five side by side otherwise.
         const shown = await page.$$eval('[data-column]', (els) => els.filter((e) => e.offsetParent !== null).length);
@@ -162,6 +207,11 @@ describe('live board', () => {
       // Names, and a neutral word when an item has none (never a UUID).
       const itemText = await page.locator('.items').allTextContents();
       assert.ok(itemText.some((t) => t.includes('Margherita pizza')));
+      const unnamed = b.card(orders[0].id).locator('.items .item.unnamed');
+      assert.equal(await unnamed.count(), 1, 'the item without a name is marked unnamed');
+      assert.ok(await unnamed.isVisible(), 'the unnamed item is shown');
+      assert.equal(await unnamed.textContent(), UNNAMED_ITEM);
+      assert.equal(await unnamed.getAttribute('title'), orders[0].items[1].menu_item_id, 'its menu item id on hover');
       assert.ok(!itemText.some((t) => /[0-9a-f]{8}/.test(t)), `an item shows hex: ${itemText.find((t) => /[0-9a-f]{8}/.test(t))}`);
       assert.deepEqual(errors, []);
     });
@@ -220,6 +270,29 @@ describe('live board', () => {
       await page.waitForTimeout(300);
       assert.equal(await chimes(), 2, 'exactly one chime per new order');
       assert.equal(await alerts(), 2);
+
+      // A resync bringing several orders the board has not seen: one chime
+      // each, not a capped "some sound".
+      const open = [a, nextVersion(c2, { order_status: 'preparing' }), d];
+      const burst = Array.from({ length: 5 }, () => makeOrder());
+      conn.send({ type: 'resync_required', reason: 'history lost' });
+      conn.send({ type: 'snapshot', orders: [...open, ...burst], last_event_id: '0000000004' });
+      for (const o of burst) await b.cardIn('pending', o.id).waitFor();
+      await waitFor(async () => (await chimes()) >= 7, { message: 'five chimes for five new orders' }).catch(() => {});
+      await page.waitForTimeout(300);
+      assert.equal(await chimes() - 2, 5, 'a burst of 5 new orders rings 5 chimes');
+      assert.equal(await alerts(), 7);
+
+      // A huge resync (a screen back after a long outage) rings at most 20
+      // times, so it does not keep ringing for half a minute; every order
+      // still counts as an alert.
+      const flood = Array.from({ length: 25 }, () => makeOrder());
+      conn.send({ type: 'resync_required', reason: 'history lost' });
+      conn.send({ type: 'snapshot', orders: [...open, ...burst, ...flood], last_event_id: '0000000005' });
+      for (const o of flood) await b.cardIn('pending', o.id).waitFor();
+      await waitFor(async () => (await alerts()) === 32, { message: '25 more alerts' });
+      await page.waitForTimeout(300);
+      assert.equal(await chimes() - 7, 20, 'a burst of 25 new orders rings the bound of 20 chimes');
 
       conn.close(1001, 'server shutting down');
       await b.waitState('reconnecting');
