@@ -141,6 +141,11 @@ async fn a_request_body_trickled_forever_is_cut_at_the_handshake_deadline() {
         closed_within(&mut s, Duration::from_millis(100)).await,
         "a connection trickling its body is still open after 10 s"
     );
+    let m = metrics(&format!("http://{}", gw.addr)).await;
+    assert!(
+        m.contains(r#"orders_gateway_http_connections_refused_total{reason="handshake_timeout"}"#),
+        "{m}"
+    );
 }
 
 /// A WebSocket client that completes the handshake and then never reads,
@@ -182,8 +187,9 @@ async fn a_big_snapshot_to_a_client_that_never_reads_obeys_token_expiry() {
         (local_connections(&gw, r).await == 1).then_some(())
     })
     .await;
-    // Its send is blocked; the token's expiry must still end the socket.
-    eventually(Duration::from_secs(12), || async {
+    // Its send is blocked; the token's expiry (in 3 s) must still end the
+    // socket, well before the 10 s send deadline would.
+    eventually(Duration::from_secs(7), || async {
         (local_connections(&gw, r).await == 0).then_some(())
     })
     .await;
