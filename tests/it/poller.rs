@@ -865,6 +865,38 @@ async fn items_carry_their_menu_names_when_the_table_exists() {
     assert_eq!(ev["order"]["items"][0]["name"], "Tiramisu", "{ev}");
 }
 
+/// `menu_items` dropped while the gateway runs: the next query fails on
+/// the missing table, the gateway stops asking for names at once, and the
+/// order arrives without them (not after the minute's re-check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_menu_table_dropped_at_runtime_costs_names_not_orders() {
+    let redis = Redis::start().await;
+    let db = TestDb::create().await;
+    let pool = db.pool().await;
+    sqlx::raw_sql("CREATE TABLE menu_items (id uuid PRIMARY KEY, name text)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let gw = Gateway::start(cfg(&redis, &db)).await;
+    let r = Uuid::new_v4();
+    let (mut ws, _) = board(gw.ws_url(&format!("token={}", token(r)))).await;
+    captured(&redis).await;
+    sqlx::raw_sql("DROP TABLE menu_items")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    let mut tx = pool.begin().await.unwrap();
+    insert_order_in(&mut tx, id, r, "pending", 1).await;
+    tx.commit().await.unwrap();
+    let ev = next_event(&mut ws, INTERVAL * 3 + MARGIN).await;
+    assert_eq!(ev["order"]["id"], id.to_string(), "{ev}");
+    assert!(ev["order"]["items"][0].get("name").is_none(), "{ev}");
+    // A board connecting now gets it in its snapshot too.
+    let (_, snapshot) = board(gw.ws_url(&format!("token={}", token(r)))).await;
+    assert_eq!(snapshot["orders"][0]["id"], id.to_string(), "{snapshot}");
+}
+
 /// A foreign `menu_items` whose `name` is not text (here jsonb, as schemas
 /// with translated names have) must not cost the order: its items carry
 /// the name's text form, and the order arrives.
