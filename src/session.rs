@@ -307,7 +307,7 @@ struct Session<'a> {
     overflowed: CancellationToken,
     /// Cancelled when the membership that admitted this socket is removed.
     revoked: Option<CancellationToken>,
-    /// Set while catching up: the replay (or snapshot) is paced as one.
+    /// Set while a resume's replay is sent: its events are paced as one.
     pace: Option<Pace>,
 }
 
@@ -483,7 +483,7 @@ impl Session<'_> {
     /// One send, bounded: it ends the socket when it makes no progress for
     /// [`SEND_TIMEOUT`], or at `deadline` (its message's [`Pace`]), with
     /// 4408; while it waits the session still obeys everything its main
-    /// loop does (see [`Session::interruption`]). Most sends complete at
+    /// loop does (see [`interruption`]). Most sends complete at
     /// once and pay for none of these timers.
     async fn send(&mut self, msg: Message, deadline: Instant) -> Result<(), Step> {
         let Session { socket, .. } = self;
@@ -631,13 +631,6 @@ impl Session<'_> {
     /// Resume from `last_event_id`, or send a snapshot; then
     /// `connection_established` has told the client which it got.
     async fn catch_up(&mut self) -> Result<(), Step> {
-        self.pace = Some(Pace::new());
-        let caught_up = self.catch_up_paced().await;
-        self.pace = None;
-        caught_up
-    }
-
-    async fn catch_up_paced(&mut self) -> Result<(), Step> {
         let r = self.admission.restaurant;
         let node = &self.ctx.node;
         let mut replay = None;
@@ -672,21 +665,37 @@ impl Session<'_> {
         });
         self.send_json(established).await?;
         if let Some(frames) = replay {
-            for text in frames {
-                let Ok(frame) = Frame::parse(r, text) else {
-                    continue;
-                };
-                if self.seam.admits(&frame) {
-                    self.send_text(frame.text.into()).await?;
-                }
-            }
-            return Ok(());
+            return self.replay(r, frames).await;
         }
         if let Some(reason) = resync_reason {
             self.send_json(json!({ "type": "resync_required", "reason": reason }))
                 .await?;
         }
         self.send_snapshot().await
+    }
+
+    /// Send a resume's missed events, paced as one message: a client that
+    /// reads them slowly is held to the same floor as for a snapshot.
+    async fn replay(
+        &mut self,
+        r: RestaurantId,
+        frames: Vec<axum::extract::ws::Utf8Bytes>,
+    ) -> Result<(), Step> {
+        self.pace = Some(Pace::new());
+        let mut sent = Ok(());
+        for text in frames {
+            let Ok(frame) = Frame::parse(r, text) else {
+                continue;
+            };
+            if self.seam.admits(&frame) {
+                sent = self.send_text(frame.text.into()).await;
+                if sent.is_err() {
+                    break;
+                }
+            }
+        }
+        self.pace = None;
+        sent
     }
 
     /// Subscribed first (join), then read: an event committed around now is
