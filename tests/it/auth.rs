@@ -241,6 +241,19 @@ async fn restaurant_must_be_the_callers() {
         4403,
         "no membership"
     );
+    // Neither a restaurant nor a user (an anon key, a service token): there
+    // is nobody whose membership could admit it.
+    let anon = token_with(json!({ "role": "anon", "exp": Utc::now().timestamp() + 600 }));
+    assert_eq!(
+        close_code_for(&gw, &format!("token={anon}")).await,
+        4403,
+        "no sub, no claim"
+    );
+    assert_eq!(
+        close_code_for(&gw, &format!("token={anon}&restaurant_id={a}")).await,
+        4403,
+        "no sub, a restaurant asked for"
+    );
     // A claim wins; asking for another restaurant is forbidden.
     assert_eq!(
         close_code_for(&gw, &format!("token={}&restaurant_id={b}", token(a))).await,
