@@ -35,6 +35,8 @@ import traceback
 import urllib.request
 from pathlib import Path
 
+from grafana_queries import panel_queries, variable_queries
+
 ROOT = Path(__file__).resolve().parent.parent
 OPENAPI = ROOT / "docs" / "openapi.json"
 DASHBOARD = ROOT / "deploy" / "grafana" / "orders-gateway.json"
@@ -436,24 +438,11 @@ def scrape(gw: Gateway) -> dict[str, set[str]]:
 
 def dashboard_queries() -> list[tuple[str, str]]:
     """(where, PromQL) for every panel query (nested rows too) and query variable."""
-    doc = json.loads(DASHBOARD.read_text())
-    out = []
-
-    def walk(panels):
-        for p in panels:
-            for t in p.get("targets", []):
-                if t.get("expr"):
-                    out.append((p.get("title", "?"), t["expr"]))
-            walk(p.get("panels", []))
-
-    walk(doc["panels"])
-    for v in doc.get("templating", {}).get("list", []):
-        q = v.get("query")
-        q = q.get("query") if isinstance(q, dict) else q
-        if v.get("type") == "query" and isinstance(q, str):
-            m = re.fullmatch(r"\s*label_values\((.*),\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\)\s*", q)
-            # label_values(selector, label): the label must be on the selector's series.
-            out.append((f"variable ${v['name']}", f"sum by ({m.group(2)}) ({m.group(1)})" if m else q))
+    out = panel_queries(DASHBOARD)
+    for name, q in variable_queries(DASHBOARD):
+        m = re.fullmatch(r"\s*label_values\((.*),\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\)\s*", q)
+        # label_values(selector, label): the label must be on the selector's series.
+        out.append((f"variable ${name}", f"sum by ({m.group(2)}) ({m.group(1)})" if m else q))
     expect(len(out) >= 10, f"found only {len(out)} queries in {DASHBOARD.relative_to(ROOT)}")
     return out
 

@@ -53,6 +53,8 @@ import tomllib
 import traceback
 from pathlib import Path
 
+from grafana_queries import panel_queries
+
 import jsonschema
 import yaml
 
@@ -1170,19 +1172,8 @@ def exported_metrics() -> set[str]:
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, expr) for every query, including nested rows and variables."""
-    doc = json.loads(DASHBOARD.read_text())
-    out = []
-
-    def walk(panels):
-        for p in panels:
-            for t in p.get("targets", []):
-                if t.get("expr"):
-                    out.append((p.get("title", "?"), t["expr"]))
-            walk(p.get("panels", []))
-
-    walk(doc["panels"])
-    return out
+    """(panel title, expr) for every panel query, nested rows included."""
+    return panel_queries(DASHBOARD)
 
 
 def grafana_to_promql(expr: str) -> str:

@@ -9,6 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use uuid::Uuid;
 
+use orders_gateway::config::Config;
+
 use crate::support::{
     Gateway, TestDb, bulk_orders, config, dashboard, eventually, get_json, metrics, token,
     token_with,
@@ -169,16 +171,27 @@ async fn local_connections(gw: &Gateway, r: Uuid) -> i64 {
     v["local_connections"].as_i64().unwrap()
 }
 
-#[tokio::test]
-async fn a_big_snapshot_to_a_client_that_never_reads_obeys_token_expiry() {
+/// A gateway over a database whose one restaurant has `orders` open
+/// orders (a snapshot of ~375 bytes each); `tune` adjusts its settings.
+async fn big_snapshot_gateway(
+    orders: i32,
+    tune: impl FnOnce(&mut Config),
+) -> (TestDb, sqlx::PgPool, Uuid, Gateway) {
     let db = TestDb::create().await;
     let pool = db.pool().await;
     let r = Uuid::new_v4();
-    // ~15 MB of snapshot: far more than the socket buffers hold.
-    bulk_orders(&pool, r, 40_000).await;
+    bulk_orders(&pool, r, orders).await;
     let mut cfg = config();
     cfg.database_url = Some(db.url.clone());
+    tune(&mut cfg);
     let gw = Gateway::start(cfg).await;
+    (db, pool, r, gw)
+}
+
+#[tokio::test]
+async fn a_big_snapshot_to_a_client_that_never_reads_obeys_token_expiry() {
+    // ~15 MB of snapshot: far more than the socket buffers hold.
+    let (_db, _pool, r, gw) = big_snapshot_gateway(40_000, |_| {}).await;
     let short = token_with(json!({
         "sub": Uuid::new_v4(), "restaurant_id": r, "exp": Utc::now().timestamp() + 3,
     }));
@@ -202,14 +215,8 @@ async fn a_big_snapshot_to_a_client_that_never_reads_obeys_token_expiry() {
 
 #[tokio::test]
 async fn a_client_that_never_reads_is_closed_with_4408() {
-    let db = TestDb::create().await;
-    let pool = db.pool().await;
-    let r = Uuid::new_v4();
     // ~7 MB: more than the kernel's socket buffers (4 MB) hold.
-    bulk_orders(&pool, r, 20_000).await;
-    let mut cfg = config();
-    cfg.database_url = Some(db.url.clone());
-    let gw = Gateway::start(cfg).await;
+    let (_db, _pool, r, gw) = big_snapshot_gateway(20_000, |_| {}).await;
     let _ws = never_reading(&gw.ws_url(&format!("token={}", token(r))), gw.addr).await;
     // No progress for the send deadline: cut off as too slow, not counted.
     eventually(Duration::from_secs(60), || async {
@@ -223,13 +230,7 @@ async fn a_client_that_never_reads_is_closed_with_4408() {
 
 #[tokio::test]
 async fn a_big_snapshot_arrives_whole_as_one_message() {
-    let db = TestDb::create().await;
-    let pool = db.pool().await;
-    let r = Uuid::new_v4();
-    bulk_orders(&pool, r, 3_000).await;
-    let mut cfg = config();
-    cfg.database_url = Some(db.url.clone());
-    let gw = Gateway::start(cfg).await;
+    let (_db, _pool, r, gw) = big_snapshot_gateway(3_000, |_| {}).await;
     let (mut ws, _) = dashboard(&gw.ws_url(&format!("token={}", token(r)))).await;
     let snap = ws.json().await;
     assert_eq!(snap["type"], "snapshot");
@@ -247,16 +248,12 @@ async fn a_big_snapshot_arrives_whole_as_one_message() {
 /// than the floor set here.
 #[tokio::test]
 async fn a_client_reading_a_big_snapshot_too_slowly_is_closed_with_4408() {
-    let db = TestDb::create().await;
-    let pool = db.pool().await;
-    let r = Uuid::new_v4();
     // ~15 MB: far more than the socket buffers hold.
-    bulk_orders(&pool, r, 40_000).await;
-    let mut cfg = config();
-    cfg.database_url = Some(db.url.clone());
-    // 15 MB must leave within 10 s + 7.5 s; at 400 KB/s it takes ~38 s.
-    cfg.min_send_bytes_per_sec = 2_000_000;
-    let gw = Gateway::start(cfg).await;
+    let (_db, _pool, r, gw) = big_snapshot_gateway(40_000, |cfg| {
+        // 15 MB must leave within 10 s + 7.5 s; at 400 KB/s it takes ~38 s.
+        cfg.min_send_bytes_per_sec = 2_000_000;
+    })
+    .await;
     let mut ws = never_reading(&gw.ws_url(&format!("token={}", token(r))), gw.addr).await;
     // When the snapshot's bytes begin (after the greeting and the read of
     // 40,000 orders, whose time is not the client's to pay).
@@ -307,10 +304,10 @@ async fn a_client_reading_a_big_snapshot_too_slowly_is_closed_with_4408() {
 /// period (4403), not only when the send's own 10 s deadline ends it.
 #[tokio::test]
 async fn a_removed_member_is_closed_while_its_snapshot_send_is_blocked() {
-    let db = TestDb::create().await;
-    let pool = db.pool().await;
-    let r = Uuid::new_v4();
-    bulk_orders(&pool, r, 20_000).await;
+    let (_db, pool, r, gw) = big_snapshot_gateway(20_000, |cfg| {
+        cfg.membership_recheck_ms = 300;
+    })
+    .await;
     let user = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO restaurant_members (user_id, restaurant_id, role) VALUES ($1, $2, 'staff')",
@@ -320,10 +317,6 @@ async fn a_removed_member_is_closed_while_its_snapshot_send_is_blocked() {
     .execute(&pool)
     .await
     .unwrap();
-    let mut cfg = config();
-    cfg.database_url = Some(db.url.clone());
-    cfg.membership_recheck_ms = 300;
-    let gw = Gateway::start(cfg).await;
     let member = token_with(json!({ "sub": user, "exp": Utc::now().timestamp() + 600 }));
     let _ws = never_reading(&gw.ws_url(&format!("token={member}")), gw.addr).await;
     eventually(Duration::from_secs(10), || async {
