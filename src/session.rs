@@ -450,9 +450,12 @@ impl Session<'_> {
     /// [`FRAGMENT`] bytes, each with a deadline. `Err` is how the socket ends.
     async fn send_text(&mut self, text: Bytes) -> Result<(), Step> {
         let rate = self.ctx.min_send_rate;
+        // A lone one-fragment message's floor lies beyond SEND_TIMEOUT
+        // anyway: events on the hot path pay for no clock read here.
         let deadline = match &mut self.pace {
-            Some(pace) => pace.add(text.len(), rate),
-            None => Pace::new().add(text.len(), rate),
+            Some(pace) => Some(pace.add(text.len(), rate)),
+            None if text.len() <= FRAGMENT => None,
+            None => Some(Pace::new().add(text.len(), rate)),
         };
         if text.len() <= FRAGMENT {
             let frame = WireFrame::message(text, OpCode::Data(Data::Text), true);
@@ -481,11 +484,11 @@ impl Session<'_> {
     }
 
     /// One send, bounded: it ends the socket when it makes no progress for
-    /// [`SEND_TIMEOUT`], or at `deadline` (its message's [`Pace`]), with
+    /// [`SEND_TIMEOUT`], or at `deadline` (its message's [`Pace`], if any), with
     /// 4408; while it waits the session still obeys everything its main
     /// loop does (see [`interruption`]). Most sends complete at
     /// once and pay for none of these timers.
-    async fn send(&mut self, msg: Message, deadline: Instant) -> Result<(), Step> {
+    async fn send(&mut self, msg: Message, deadline: Option<Instant>) -> Result<(), Step> {
         let Session { socket, .. } = self;
         let mut send = std::pin::pin!(socket.send(msg));
         if let Poll::Ready(sent) = futures_util::poll!(send.as_mut()) {
@@ -499,10 +502,12 @@ impl Session<'_> {
             revoked,
             ..
         } = self;
+        let stalled = Instant::now() + SEND_TIMEOUT;
+        let give_up = deadline.map_or(stalled, |d| d.min(stalled));
         tokio::select! {
             biased;
             step = interruption(ctx, overflowed, revoked.as_ref(), admission.expires_at) => Err(step),
-            _ = sleep_until(deadline.min(Instant::now() + SEND_TIMEOUT)) => {
+            _ = sleep_until(give_up) => {
                 metrics::counter!("orders_gateway_send_timeouts_total").increment(1);
                 Err(Step::Close(CloseReason::TooSlow))
             }
@@ -612,8 +617,7 @@ impl Session<'_> {
                     if last_heard.elapsed() > silence_limit {
                         Step::Close(CloseReason::HeartbeatTimeout)
                     } else {
-                        let deadline = Instant::now() + SEND_TIMEOUT;
-                        match self.send(Message::Ping(Bytes::new()), deadline).await {
+                        match self.send(Message::Ping(Bytes::new()), None).await {
                             Ok(()) => Step::Continue,
                             Err(step) => step,
                         }

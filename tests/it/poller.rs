@@ -801,6 +801,29 @@ async fn an_order_deleted_before_the_poller_saw_it_leaves_the_board() {
     ws.silent_for(QUIET).await;
 }
 
+/// Commit order `id` with `other_items` items off the menu and one of
+/// `menu_item`, in one transaction.
+async fn commit_order_with_menu_item(
+    pool: &sqlx::PgPool,
+    id: Uuid,
+    r: Uuid,
+    other_items: usize,
+    menu_item: Uuid,
+) {
+    let mut tx = pool.begin().await.unwrap();
+    insert_order_in(&mut tx, id, r, "pending", other_items).await;
+    sqlx::query(
+        "INSERT INTO order_items (id, order_id, menu_item_id, quantity, unit_price) \
+         VALUES (gen_random_uuid(), $1, $2, 1, 9.50)",
+    )
+    .bind(id)
+    .bind(menu_item)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
 /// Issue 13, item 2: with a `menu_items(id, name)` table, items carry their
 /// name, in events and snapshots; the publish endpoint passes names through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -825,18 +848,8 @@ async fn items_carry_their_menu_names_when_the_table_exists() {
     captured(&redis).await;
 
     let id = Uuid::new_v4();
-    let mut tx = pool.begin().await.unwrap();
-    insert_order_in(&mut tx, id, r, "pending", 1).await; // an item not on the menu
-    sqlx::query(
-        "INSERT INTO order_items (id, order_id, menu_item_id, quantity, unit_price) \
-         VALUES (gen_random_uuid(), $1, $2, 1, 9.50)",
-    )
-    .bind(id)
-    .bind(pizza)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    // One item not on the menu, and the pizza.
+    commit_order_with_menu_item(&pool, id, r, 1, pizza).await;
     let names = |order: &Value| -> Vec<Option<String>> {
         let mut v: Vec<_> = order["items"]
             .as_array()
@@ -921,18 +934,7 @@ async fn a_menu_name_that_is_not_text_does_not_drop_the_order() {
     captured(&redis).await;
 
     let id = Uuid::new_v4();
-    let mut tx = pool.begin().await.unwrap();
-    insert_order_in(&mut tx, id, r, "pending", 0).await;
-    sqlx::query(
-        "INSERT INTO order_items (id, order_id, menu_item_id, quantity, unit_price) \
-         VALUES (gen_random_uuid(), $1, $2, 1, 9.50)",
-    )
-    .bind(id)
-    .bind(pizza)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    commit_order_with_menu_item(&pool, id, r, 0, pizza).await;
     let ev = next_event(&mut ws, INTERVAL + MARGIN).await;
     assert_eq!(ev["order"]["id"], id.to_string(), "{ev}");
     let name = ev["order"]["items"][0]["name"].as_str().unwrap_or_default();
